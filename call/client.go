@@ -1,0 +1,825 @@
+package call
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/weftrpc/weft/endpoint"
+	"go.opentelemetry.io/otel/trace"
+)
+
+// Conn is the client side of one weft connection: it multiplexes concurrent calls over a single
+// network connection to one server. It is safe for concurrent use.
+//
+// Most programs use a Connection from Connect, which manages a Conn per server; Conn is for
+// callers that manage connections themselves.
+type Conn struct {
+	conn    net.Conn
+	opts    ClientOptions
+	addr    string
+	peer    hello // the server's hello
+	w       *writer
+	br      *bufio.Reader
+	slots   chan struct{} // one token per call running on the server
+	closed  chan struct{} // closed when the connection is closed
+	readerG sync.WaitGroup
+	pingID  atomic.Uint64
+	recv    atomic.Bool // a frame arrived since the last keepalive tick
+	ka      *time.Timer // keepalive; nil if disabled
+
+	callsMu sync.Mutex
+	// guarded by callsMu
+	calls     map[uint64]*clientCall
+	nextID    uint64 // the id of the next call; assigned under writer.mu, then callsMu
+	exhausted bool   // ids are near the end of their space
+
+	mu sync.Mutex
+	// guarded by mu
+	closeErr     error  // why the connection closed (or the server's go-away reason); nil while open
+	draining     bool   // no new calls: go-away received, ids ran out, or closed
+	goAway       bool   // the server sent a go-away
+	lastAccepted uint64 // from the server's go-away
+	kaPinged     bool   // a keepalive ping is outstanding
+}
+
+var _ Connection = (*Conn)(nil)
+
+// Connection is a client that makes calls. Implementations are safe for concurrent use.
+type Connection interface {
+	// Call calls the method identified by key with args and returns its reply. The caller
+	// owns the returned bytes; args are not retained after Call returns. Call blocks until
+	// the reply arrives, the call fails, or ctx is done. Errors match one of the Err…
+	// categories of this package (or a context error) with errors.Is, and [NeverRan]
+	// reports whether the call provably never reached a handler.
+	Call(ctx context.Context, key MethodKey, args []byte, opts CallOptions) ([]byte, error)
+
+	// Close closes the connection. Calls in progress fail, and later calls fail at once with
+	// [ErrUnreachable]. Close can be called more than once.
+	Close()
+}
+
+// clientCall is a call in progress. It is pooled; the reader and the caller hand it back
+// and forth under callsMu.
+type clientCall struct {
+	msg  outMsg
+	hdr  []byte        // encoded call header
+	done chan struct{} // the reply arrived or the call failed (buffer 1)
+
+	// Set by the reader before done is signalled (or by failAll).
+	result   []byte
+	err      error
+	connDown bool // err is a connection failure, to be classified by what was sent
+
+	// Reader state for multi-frame replies; owned by the reader.
+	total    int
+	skipping bool
+	started  bool
+
+	// guarded by Conn.callsMu
+	abandoned bool // the caller returned; the reader frees the slot and recycles the call
+}
+
+var callPool = sync.Pool{New: func() any {
+	cc := &clientCall{msg: outMsg{sig: make(chan struct{}, 1)}, done: make(chan struct{}, 1)}
+	cc.msg.call = cc
+	return cc
+}}
+
+func getCall() *clientCall { return callPool.Get().(*clientCall) }
+
+func putCall(cc *clientCall) {
+	cc.msg.reset()
+	select {
+	case <-cc.done:
+	default:
+	}
+	cc.result, cc.err, cc.connDown = nil, nil, false
+	cc.total, cc.skipping, cc.started, cc.abandoned = 0, false, false, false
+	if cap(cc.hdr) > 4<<10 {
+		cc.hdr = nil
+	}
+	callPool.Put(cc)
+}
+
+// Dial connects to ep and performs the weft handshake. ctx bounds only dialling and the
+// handshake (as does ClientOptions.HandshakeTimeout). A TLS failure returns an error matching
+// [ErrAuthentication]; a peer that is not a weft server, or speaks another version, one
+// matching [ErrProtocol]; other failures match [ErrUnreachable].
+func Dial(ctx context.Context, ep endpoint.Endpoint, opts ClientOptions) (*Conn, error) {
+	opts = opts.withDefaults()
+	ctx, cancel := context.WithTimeout(ctx, opts.HandshakeTimeout)
+	defer cancel()
+	nc, err := ep.Dial(ctx)
+	if err != nil {
+		return nil, handshakeError(ep.Address(), err)
+	}
+	c, err := newConn(ctx, nc, ep.Address(), opts)
+	if err != nil {
+		nc.Close()
+		return nil, err
+	}
+	return c, nil
+}
+
+// NewConn performs the client side of the weft handshake on an established connection and
+// returns a Conn that owns nc. On error nc is closed. ctx bounds only the handshake.
+func NewConn(ctx context.Context, nc net.Conn, opts ClientOptions) (*Conn, error) {
+	opts = opts.withDefaults()
+	ctx, cancel := context.WithTimeout(ctx, opts.HandshakeTimeout)
+	defer cancel()
+	c, err := newConn(ctx, nc, nc.RemoteAddr().String(), opts)
+	if err != nil {
+		nc.Close()
+		return nil, err
+	}
+	return c, nil
+}
+
+func newConn(ctx context.Context, nc net.Conn, addr string, opts ClientOptions) (*Conn, error) {
+	br := bufio.NewReaderSize(nc, readBufferSize)
+	peer, err := clientHandshake(ctx, nc, br, opts)
+	if err != nil {
+		return nil, handshakeError(addr, err)
+	}
+	c := &Conn{
+		conn:   nc,
+		opts:   opts,
+		addr:   addr,
+		peer:   peer,
+		br:     br,
+		slots:  make(chan struct{}, max(peer.maxConcurrent, 1)),
+		closed: make(chan struct{}),
+		calls:  map[uint64]*clientCall{},
+		nextID: 1,
+	}
+	c.w = newWriter(nc, int(peer.maxFrame), opts.WriteFlattenLimit)
+	c.w.onCall = c.register
+	c.w.onError = func(err error) { c.fail(fmt.Errorf("writing to %s: %w", c.addr, err)) }
+	c.w.budget = int(peer.budget)
+	setNotSentLowat(nc)
+	if iv := c.keepaliveInterval(); iv > 0 {
+		c.mu.Lock()
+		c.ka = time.AfterFunc(iv, c.keepalive)
+		c.mu.Unlock()
+	}
+	c.readerG.Add(1)
+	go c.readLoop()
+	return c, nil
+}
+
+// clientHandshake writes the client's hello and reads the server's.
+func clientHandshake(ctx context.Context, nc net.Conn, br *bufio.Reader, opts ClientOptions) (hello, error) {
+	if d, ok := ctx.Deadline(); ok {
+		nc.SetDeadline(d)
+	}
+	stop := context.AfterFunc(ctx, func() { nc.SetDeadline(time.Unix(1, 0)) })
+	defer stop()
+	if tc, ok := nc.(*tls.Conn); ok {
+		if err := tc.HandshakeContext(ctx); err != nil {
+			return hello{}, err
+		}
+	}
+	h := helloFromLimits(opts.Limits, 0, 0)
+	var buf [helloPrefixLen + helloRestLen]byte
+	if _, err := nc.Write(h.append(buf[:0])); err != nil {
+		return hello{}, err
+	}
+	peer, err := readHello(br)
+	if err != nil {
+		return hello{}, err
+	}
+	if peer.version != protocolV1 {
+		return hello{}, fmt.Errorf("%w: server speaks protocol version %d, this client speaks %d", ErrProtocol, peer.version, protocolV1)
+	}
+	if err := ctx.Err(); err != nil {
+		return hello{}, err
+	}
+	nc.SetDeadline(time.Time{})
+	return peer, nil
+}
+
+// readHello reads a hello. For a version other than 1 it returns only the prefix fields.
+func readHello(br *bufio.Reader) (hello, error) {
+	var prefix [helloPrefixLen]byte
+	if _, err := io.ReadFull(br, prefix[:]); err != nil {
+		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+			return hello{}, fmt.Errorf("peer closed the connection during the handshake: %w", err)
+		}
+		return hello{}, err
+	}
+	version, features, rest, err := parseHelloPrefix(prefix[:])
+	if err != nil {
+		return hello{}, err
+	}
+	if version != protocolV1 {
+		return hello{version: version, features: features}, nil
+	}
+	b := make([]byte, rest)
+	if _, err := io.ReadFull(br, b); err != nil {
+		return hello{}, fmt.Errorf("reading hello: %w", err)
+	}
+	return parseHelloRest(version, features, b)
+}
+
+// handshakeError classifies a dial or handshake failure.
+func handshakeError(addr string, err error) error {
+	var alert tls.AlertError
+	var verr *tls.CertificateVerificationError
+	var uerr x509.UnknownAuthorityError
+	var herr x509.HostnameError
+	var cerr x509.CertificateInvalidError
+	msg := "connecting to " + addr
+	switch {
+	case errors.As(err, &alert), errors.As(err, &verr), errors.As(err, &uerr), errors.As(err, &herr), errors.As(err, &cerr):
+		return newError(ErrAuthentication, true, msg, err)
+	case errors.Is(err, ErrProtocol):
+		return newError(ErrProtocol, true, msg, err)
+	default:
+		return newError(ErrUnreachable, true, msg, err)
+	}
+}
+
+func (c *Conn) keepaliveInterval() time.Duration {
+	iv := c.opts.KeepaliveInterval
+	if iv < 0 {
+		return 0
+	}
+	if c.peer.idleMillis > 0 {
+		iv = min(iv, time.Duration(c.peer.idleMillis)*time.Millisecond/2)
+	}
+	return max(iv, time.Millisecond)
+}
+
+// keepalive runs on the keepalive timer: it pings a silent connection and declares it dead
+// when a ping goes unanswered.
+func (c *Conn) keepalive() {
+	c.mu.Lock()
+	if c.closeErr != nil {
+		c.mu.Unlock()
+		return
+	}
+	switch {
+	case c.recv.Swap(false):
+		c.kaPinged = false
+		c.ka.Reset(c.keepaliveInterval())
+	case !c.kaPinged:
+		c.kaPinged = true
+		c.ka.Reset(c.opts.KeepaliveTimeout)
+		c.mu.Unlock()
+		c.w.control(framePing, c.pingID.Add(1), nil)
+		return
+	default:
+		c.mu.Unlock()
+		c.fail(fmt.Errorf("keepalive: no frame from %s for %v after a ping", c.addr, c.opts.KeepaliveTimeout))
+		return
+	}
+	c.mu.Unlock()
+}
+
+// Addr returns the address the connection was dialled at.
+func (c *Conn) Addr() string { return c.addr }
+
+// Done returns a channel that is closed when the connection has closed.
+func (c *Conn) Done() <-chan struct{} { return c.closed }
+
+// Err returns why the connection closed or is draining, or nil while it is open.
+func (c *Conn) Err() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.closeErr
+}
+
+// Draining reports whether the connection accepts no new calls (the server sent a go-away, the
+// request ids ran out, or it is closed).
+func (c *Conn) Draining() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.draining || c.closeErr != nil
+}
+
+// InFlight returns the number of calls that occupy a server slot on this connection.
+func (c *Conn) InFlight() int { return len(c.slots) }
+
+// Close closes the connection: calls in progress fail with ErrCommunication (or
+// ErrUnreachable if their request was not sent in full), and later calls fail at once. Close
+// waits for the connection's goroutines to exit. It can be called more than once.
+func (c *Conn) Close() {
+	c.fail(ErrClosed)
+	c.readerG.Wait()
+	c.w.wg.Wait()
+}
+
+// fail closes the connection for reason; the first reason wins.
+func (c *Conn) fail(reason error) {
+	c.mu.Lock()
+	if c.isClosedLocked() {
+		c.mu.Unlock()
+		return
+	}
+	if c.closeErr == nil {
+		c.closeErr = reason
+	}
+	c.draining = true
+	close(c.closed)
+	ka := c.ka
+	c.mu.Unlock()
+	if ka != nil {
+		ka.Stop()
+	}
+	c.w.close(errWriterClosed)
+	c.conn.Close()
+	c.failAll()
+}
+
+// isClosedLocked reports whether closed has been closed.
+//
+// REQUIRES: c.mu is held.
+func (c *Conn) isClosedLocked() bool {
+	select {
+	case <-c.closed:
+		return true
+	default:
+		return false
+	}
+}
+
+// failAll completes every registered call with the connection's failure.
+func (c *Conn) failAll() {
+	c.callsMu.Lock()
+	calls := c.calls
+	c.calls = map[uint64]*clientCall{}
+	c.callsMu.Unlock()
+	for _, cc := range calls {
+		c.finish(cc, nil, nil, true)
+	}
+}
+
+// register assigns the next request id to a call and records it, so that ids reach the wire in
+// increasing order.
+//
+// REQUIRES: c.w.mu is held.
+func (c *Conn) register(m *outMsg) error {
+	cc := m.call
+	c.callsMu.Lock()
+	defer c.callsMu.Unlock()
+	if c.exhausted {
+		return errIDsExhausted
+	}
+	id := c.nextID
+	c.nextID++
+	if c.nextID >= maxRequestID {
+		c.exhausted = true
+	}
+	m.id = id
+	c.calls[id] = cc
+	return nil
+}
+
+var errIDsExhausted = errors.New("request ids exhausted; a new connection is needed")
+
+// Call implements [Connection].
+func (c *Conn) Call(ctx context.Context, key MethodKey, args []byte, opts CallOptions) ([]byte, error) {
+	if ctx.Err() != nil {
+		return nil, ctxError(ctx, true)
+	}
+	var deadline time.Duration
+	d, hasDeadline := ctx.Deadline()
+	if hasDeadline {
+		if deadline = time.Until(d); deadline <= 0 {
+			return nil, &callError{category: context.DeadlineExceeded, neverRan: true, msg: "deadline expired before sending"}
+		}
+	}
+	if len(args) > int(c.peer.maxMessage) {
+		return nil, newError(ErrMessageTooLarge, true, fmt.Sprintf("request of %d bytes exceeds the server's limit of %d", len(args), c.peer.maxMessage), nil)
+	}
+	if c.Draining() {
+		return nil, newError(ErrUnreachable, true, "connection to "+c.addr+" is closed or draining", c.Err())
+	}
+
+	// Wait for a slot on the server.
+	select {
+	case c.slots <- struct{}{}:
+	default:
+		select {
+		case c.slots <- struct{}{}:
+		case <-ctx.Done():
+			return nil, ctxError(ctx, true)
+		case <-c.closed:
+			return nil, newError(ErrUnreachable, true, "connection to "+c.addr+" closed", c.Err())
+		}
+	}
+
+	cc := getCall()
+	var span trace.Span
+	if c.opts.Tracer != nil {
+		ctx, span = c.opts.Tracer.Start(ctx, "weft.call", trace.WithSpanKind(trace.SpanKindClient))
+		defer span.End()
+	}
+	if err := c.encodeHeader(ctx, cc, key, opts.Signature, hasDeadline, deadline, len(args)); err != nil {
+		<-c.slots
+		putCall(cc)
+		return nil, err
+	}
+	cc.msg.typ = frameCall
+	cc.msg.head = cc.hdr
+	cc.msg.payload = args
+	if err := c.w.send(&cc.msg); err != nil {
+		// Not queued: the connection is closed or out of request ids.
+		<-c.slots
+		putCall(cc)
+		if err == errIDsExhausted {
+			c.mu.Lock()
+			c.draining = true
+			c.mu.Unlock()
+		} else {
+			err = c.Err()
+		}
+		return nil, newError(ErrUnreachable, true, "connection to "+c.addr, err)
+	}
+
+	for {
+		select {
+		case <-cc.done:
+			return c.complete(cc)
+		case <-cc.msg.sig:
+			// The writer role was handed to us, or our request was written.
+			c.w.woken(&cc.msg)
+		case <-ctx.Done():
+			return c.abandon(ctx, cc)
+		}
+	}
+}
+
+// encodeHeader encodes the call header into cc.hdr, checking the server's limits.
+func (c *Conn) encodeHeader(ctx context.Context, cc *clientCall, key MethodKey, sig uint64, hasDeadline bool, deadline time.Duration, n int) error {
+	h := callHeader{key: key, signature: sig, total: uint32(n)}
+	if hasDeadline {
+		h.flags |= callDeadline
+		h.deadline = uint64(deadline)
+	}
+	if sc := trace.SpanContextFromContext(ctx); sc.IsValid() {
+		h.flags |= callTrace
+		h.traceID = sc.TraceID()
+		h.spanID = sc.SpanID()
+		h.traceFlags = byte(sc.TraceFlags())
+		if ts := sc.TraceState(); ts.Len() > 0 {
+			h.tracestate = ts.String()
+			if len(h.tracestate) > int(c.peer.tracestate) {
+				return newError(ErrMessageTooLarge, true, fmt.Sprintf("tracestate of %d bytes exceeds the server's limit of %d", len(h.tracestate), c.peer.tracestate), nil)
+			}
+		}
+	}
+	if md := outgoingMetadata(ctx); len(md) > 0 {
+		if len(md) > int(c.peer.mdEntries) {
+			return newError(ErrMessageTooLarge, true, fmt.Sprintf("%d metadata entries exceed the server's limit of %d", len(md), c.peer.mdEntries), nil)
+		}
+		size := 0
+		for k, v := range md {
+			size += len(k) + len(v)
+			if len(k) > 0xFFFF || len(v) > 0xFFFF {
+				return newError(ErrMessageTooLarge, true, "a metadata key or value exceeds 65535 bytes", nil)
+			}
+		}
+		if size > int(c.peer.mdBytes) {
+			return newError(ErrMessageTooLarge, true, fmt.Sprintf("metadata of %d bytes exceeds the server's limit of %d", size, c.peer.mdBytes), nil)
+		}
+		h.flags |= callMetadata
+		h.md = md
+	}
+	if hl := callHeaderLen(&h); hl > int(c.peer.maxFrame) {
+		return newError(ErrMessageTooLarge, true, fmt.Sprintf("call header of %d bytes exceeds the server's max frame size %d", hl, c.peer.maxFrame), nil)
+	}
+	cc.hdr = appendCallHeader(cc.hdr[:0], &h)
+	return nil
+}
+
+// complete returns the outcome of a call whose terminal frame (or failure) arrived.
+func (c *Conn) complete(cc *clientCall) ([]byte, error) {
+	sentAny, sentAll := c.w.withdraw(&cc.msg)
+	if sentAny && !sentAll && !cc.connDown {
+		// The server answered before the request was complete: tell it to drop the rest.
+		c.w.control(frameCancel, cc.msg.id, nil)
+	}
+	result, err := cc.result, cc.err
+	if cc.connDown {
+		err = c.downError(cc.msg.id, sentAll)
+	}
+	putCall(cc)
+	return result, err
+}
+
+// downError classifies a call that was in progress when the connection failed or drained.
+func (c *Conn) downError(id uint64, sentAll bool) error {
+	c.mu.Lock()
+	reason, lastAccepted, goAway := c.closeErr, c.lastAccepted, c.goAway
+	c.mu.Unlock()
+	switch {
+	case goAway && id > lastAccepted:
+		return newError(ErrRefused, true, fmt.Sprintf("server %s is draining (go-away after request %d)", c.addr, lastAccepted), reason)
+	case !sentAll:
+		return newError(ErrUnreachable, true, "connection to "+c.addr+" failed before the request was sent", reason)
+	default:
+		return newError(ErrCommunication, false, "connection to "+c.addr+" failed", reason)
+	}
+}
+
+// abandon ends a call whose context is done.
+func (c *Conn) abandon(ctx context.Context, cc *clientCall) ([]byte, error) {
+	sentAny, _ := c.w.withdraw(&cc.msg)
+	c.callsMu.Lock()
+	select {
+	case <-cc.done:
+		// The outcome arrived meanwhile: use it.
+		c.callsMu.Unlock()
+		return c.complete(cc)
+	default:
+	}
+	if !sentAny {
+		// The server has not seen it: forget it and free the slot.
+		delete(c.calls, cc.msg.id)
+		c.callsMu.Unlock()
+		<-c.slots
+		putCall(cc)
+		return nil, ctxError(ctx, true)
+	}
+	// The server knows it: cancel it there. Its terminal frame frees the slot and recycles cc.
+	cc.abandoned = true
+	id := cc.msg.id
+	c.callsMu.Unlock()
+	c.w.control(frameCancel, id, nil)
+	return nil, ctxError(ctx, false)
+}
+
+// finish delivers the outcome of a call (from the reader or failAll), or recycles an abandoned
+// call. connDown marks a connection failure, to be classified by the caller. A terminal frame
+// from the server frees the call's slot.
+func (c *Conn) finish(cc *clientCall, result []byte, err error, connDown bool) {
+	if !connDown {
+		<-c.slots
+	}
+	c.callsMu.Lock()
+	if cc.abandoned {
+		c.callsMu.Unlock()
+		putCall(cc)
+		return
+	}
+	cc.result, cc.err, cc.connDown = result, err, connDown
+	cc.done <- struct{}{}
+	c.callsMu.Unlock()
+}
+
+// take removes the call with id from the table and returns it, or nil.
+func (c *Conn) take(id uint64) *clientCall {
+	c.callsMu.Lock()
+	defer c.callsMu.Unlock()
+	cc := c.calls[id]
+	if cc != nil {
+		delete(c.calls, id)
+	}
+	return cc
+}
+
+// lookup returns the call with id, or nil.
+func (c *Conn) lookup(id uint64) *clientCall {
+	c.callsMu.Lock()
+	defer c.callsMu.Unlock()
+	return c.calls[id]
+}
+
+// readLoop reads frames until the connection fails.
+func (c *Conn) readLoop() {
+	defer c.readerG.Done()
+	err := c.read()
+	c.fail(err)
+}
+
+func (c *Conn) read() error {
+	maxFrame := c.opts.Limits.MaxFrameSize
+	var scratch []byte
+	for {
+		hb, err := c.br.Peek(headerSize)
+		if err != nil {
+			return readError(err)
+		}
+		h, err := parseHeader(hb, maxFrame)
+		if err != nil {
+			return err
+		}
+		c.br.Discard(headerSize)
+		c.recv.Store(true)
+		n := int(h.length)
+		switch h.typ {
+		case frameReply:
+			if err := c.onReply(h); err != nil {
+				return err
+			}
+		case frameData:
+			if err := c.onData(h); err != nil {
+				return err
+			}
+		case frameError:
+			if scratch, err = c.readPayload(scratch, n); err != nil {
+				return err
+			}
+			body, err := parseErrorBody(scratch[:n])
+			if err != nil {
+				return err
+			}
+			if cc := c.take(h.id); cc != nil {
+				c.finish(cc, nil, errorFromWire(body), false)
+			}
+		case framePing:
+			if !c.w.control(framePong, h.id, nil) {
+				return fmt.Errorf("%w: server %s floods pings", ErrProtocol, c.addr)
+			}
+		case framePong:
+		case frameGoAway:
+			if scratch, err = c.readPayload(scratch, n); err != nil {
+				return err
+			}
+			if err := c.onGoAway(h.id, scratch[:n]); err != nil {
+				return err
+			}
+		default:
+			return fmt.Errorf("%w: unexpected frame type %#x from server", ErrProtocol, h.typ)
+		}
+	}
+}
+
+func (c *Conn) readPayload(scratch []byte, n int) ([]byte, error) {
+	if cap(scratch) < n {
+		scratch = make([]byte, n)
+	}
+	if _, err := io.ReadFull(c.br, scratch[:n]); err != nil {
+		return scratch, readError(err)
+	}
+	return scratch, nil
+}
+
+// onReply handles the first frame of a reply.
+func (c *Conn) onReply(h frameHeader) error {
+	n := int(h.length)
+	if n < replyHdrLen {
+		return fmt.Errorf("%w: reply frame of %d bytes", ErrProtocol, n)
+	}
+	var rh [replyHdrLen]byte
+	if _, err := io.ReadFull(c.br, rh[:]); err != nil {
+		return readError(err)
+	}
+	hdr, _, _ := parseReplyHeader(rh[:])
+	n -= replyHdrLen
+	total := int(hdr.total)
+	end := h.flags&flagEnd != 0
+	if n > total || end && n != total {
+		return fmt.Errorf("%w: reply %d declares %d bytes but carries %d", ErrProtocol, h.id, total, n)
+	}
+	cc := c.lookup(h.id)
+	if cc == nil || cc.started {
+		if cc != nil {
+			return fmt.Errorf("%w: second reply for request %d", ErrProtocol, h.id)
+		}
+		_, err := c.br.Discard(n)
+		return readError(err)
+	}
+	cc.started = true
+	cc.total = total
+	if total > c.opts.Limits.MaxMessageSize {
+		cc.skipping = true
+		if end {
+			c.take(h.id)
+			c.finish(cc, nil, newError(ErrMessageTooLarge, false, fmt.Sprintf("reply of %d bytes exceeds the client's limit of %d", total, c.opts.Limits.MaxMessageSize), nil), false)
+		}
+		_, err := c.br.Discard(n)
+		return readError(err)
+	}
+	cc.result = growMessage(nil, n, total)
+	if _, err := io.ReadFull(c.br, cc.result[:n]); err != nil {
+		return readError(err)
+	}
+	cc.result = cc.result[:n]
+	if end {
+		c.take(h.id)
+		c.finish(cc, cc.result, nil, false)
+	}
+	return nil
+}
+
+// onData handles a continuation frame of a reply.
+func (c *Conn) onData(h frameHeader) error {
+	n := int(h.length)
+	cc := c.lookup(h.id)
+	if cc == nil || !cc.started {
+		if cc != nil {
+			return fmt.Errorf("%w: data before reply for request %d", ErrProtocol, h.id)
+		}
+		_, err := c.br.Discard(n)
+		return readError(err)
+	}
+	end := h.flags&flagEnd != 0
+	got := len(cc.result)
+	if cc.skipping {
+		if _, err := c.br.Discard(n); err != nil {
+			return readError(err)
+		}
+		if end {
+			c.take(h.id)
+			c.finish(cc, nil, newError(ErrMessageTooLarge, false, fmt.Sprintf("reply of %d bytes exceeds the client's limit of %d", cc.total, c.opts.Limits.MaxMessageSize), nil), false)
+		}
+		return nil
+	}
+	if got+n > cc.total || end && got+n != cc.total {
+		return fmt.Errorf("%w: reply %d declares %d bytes but carries %d", ErrProtocol, h.id, cc.total, got+n)
+	}
+	cc.result = growMessage(cc.result, n, cc.total)
+	if _, err := io.ReadFull(c.br, cc.result[got:got+n]); err != nil {
+		return readError(err)
+	}
+	cc.result = cc.result[:got+n]
+	if end {
+		c.take(h.id)
+		c.finish(cc, cc.result, nil, false)
+	}
+	return nil
+}
+
+// onGoAway handles a go-away: calls above the last accepted id fail as never run, and no new
+// calls start. A non-zero close code is the reason the server is closing the connection.
+func (c *Conn) onGoAway(lastID uint64, body []byte) error {
+	if len(body) < 1 {
+		return fmt.Errorf("%w: empty go-away", ErrProtocol)
+	}
+	code, msg := body[0], string(body[1:min(len(body), maxErrorMsg+1)])
+	var reason error
+	switch code {
+	case closeDrain:
+	case closeIdle, closeStopping:
+		reason = fmt.Errorf("server closed the connection: %s (code %d)", msg, code)
+	default:
+		reason = fmt.Errorf("%w: server closed the connection: %s (code %d)", ErrProtocol, msg, code)
+	}
+	c.mu.Lock()
+	if c.closeErr == nil {
+		c.closeErr = reason
+	}
+	c.draining = true
+	c.goAway = true
+	c.lastAccepted = lastID
+	c.mu.Unlock()
+
+	// Fail the calls the server will not run.
+	c.callsMu.Lock()
+	var refused []*clientCall
+	for id, cc := range c.calls {
+		if id > lastID {
+			delete(c.calls, id)
+			refused = append(refused, cc)
+		}
+	}
+	c.callsMu.Unlock()
+	for _, cc := range refused {
+		c.finish(cc, nil, nil, true) // classified by downError as refused
+	}
+	c.opts.Logger.Debug("weft: go-away from server", slog.String("addr", c.addr), slog.Uint64("last_id", lastID), slog.Int("code", int(code)))
+	return nil
+}
+
+// readError converts a read failure into the connection's close reason.
+func readError(err error) error {
+	if err == nil {
+		return nil
+	}
+	if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+		return fmt.Errorf("connection closed by peer: %w", err)
+	}
+	return err
+}
+
+// growMessage returns buf with room for n more bytes of a message of total bytes. Capacity
+// grows with the bytes received (at most doubling), never to the declared total at once, so
+// memory follows bytes received rather than bytes a peer declares.
+func growMessage(buf []byte, n, total int) []byte {
+	need := len(buf) + n
+	if need <= cap(buf) {
+		return buf[:need]
+	}
+	c := max(2*cap(buf), need, min(total, minGrow))
+	c = min(c, total)
+	nb := make([]byte, need, c)
+	copy(nb, buf)
+	return nb
+}
+
+const (
+	minGrow        = 64 << 10
+	readBufferSize = 4 << 10
+)

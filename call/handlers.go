@@ -1,0 +1,78 @@
+package call
+
+import (
+	"context"
+	"crypto/sha256"
+	"maps"
+	"sync"
+	"sync/atomic"
+)
+
+// MethodKey identifies a method of a component on the wire: a fingerprint of the component
+// and method names.
+type MethodKey [16]byte
+
+// MakeMethodKey returns the key of method of component. It is the first 16 bytes of the
+// SHA-256 of component, a NUL byte, and method.
+func MakeMethodKey(component, method string) MethodKey {
+	h := sha256.New()
+	h.Write([]byte(component))
+	h.Write([]byte{0})
+	h.Write([]byte(method))
+	var k MethodKey
+	copy(k[:], h.Sum(nil))
+	return k
+}
+
+// A Handler runs one call. args is valid only until the handler returns; the handler owns the
+// bytes it returns, and the server does not modify them.
+//
+// Application errors belong inside the returned bytes (the codec encodes them). A handler
+// returns a non-nil error only when it could not run the call; the caller then receives
+// [ErrRemote] with the error's message (wrap it in a [HandlerError] to add a retry-after
+// delay). A panic is recovered and reported to that caller alone as [ErrRemote].
+type Handler func(ctx context.Context, args []byte) ([]byte, error)
+
+type handlerEntry struct {
+	h         Handler
+	component string
+	method    string
+	signature uint64
+}
+
+// HandlerMap maps method keys to handlers. The zero value is an empty map. It is safe for
+// concurrent use; handlers may be added while the map is being served.
+type HandlerMap struct {
+	mu sync.Mutex // serializes writers; readers load handlers without locking
+	// handlers is replaced, never modified, by writers.
+	handlers atomic.Pointer[map[MethodKey]*handlerEntry]
+}
+
+// Set registers h for method of component, replacing any earlier handler.
+func (hm *HandlerMap) Set(component, method string, h Handler) {
+	hm.SetSigned(component, method, 0, h)
+}
+
+// SetSigned registers h for method of component with a signature digest. A call that carries a
+// different non-zero digest (see [CallOptions].Signature) is refused with
+// [ErrSignatureMismatch]. Generated stubs use it; a signature of zero is not checked.
+func (hm *HandlerMap) SetSigned(component, method string, signature uint64, h Handler) {
+	e := &handlerEntry{h: h, component: component, method: method, signature: signature}
+	k := MakeMethodKey(component, method)
+	hm.mu.Lock()
+	defer hm.mu.Unlock()
+	m := map[MethodKey]*handlerEntry{}
+	if old := hm.handlers.Load(); old != nil {
+		m = maps.Clone(*old)
+	}
+	m[k] = e
+	hm.handlers.Store(&m)
+}
+
+// lookup returns the entry for k, or nil.
+func (hm *HandlerMap) lookup(k MethodKey) *handlerEntry {
+	if m := hm.handlers.Load(); m != nil {
+		return (*m)[k]
+	}
+	return nil
+}

@@ -1,0 +1,217 @@
+package call
+
+import (
+	"fmt"
+	"log/slog"
+	"time"
+
+	"go.opentelemetry.io/otel/trace"
+)
+
+// Limits bounds what one side of a connection accepts. Each side advertises its limits in the
+// handshake and obeys the other's. The zero value of every field means its default.
+type Limits struct {
+	// MaxFrameSize is the largest frame payload accepted. A larger frame is a protocol error
+	// that closes the connection. If zero, 64 KiB. Values below 16 KiB are raised to 16 KiB.
+	MaxFrameSize int
+
+	// MaxMessageSize is the largest message accepted: requests on a server, replies on a
+	// client. A larger message fails its call with [ErrMessageTooLarge] and the connection
+	// stays usable. If zero, 4 MiB.
+	MaxMessageSize int
+
+	// MaxConcurrentCalls is the most handlers a server connection runs at once; a client
+	// queues calls above the server's value. Ignored on clients. If zero, 1024.
+	MaxConcurrentCalls int
+
+	// MaxBufferedBytes is the per-connection budget of received request bytes held for
+	// partial messages and running handlers; when it is spent the server stops reading until
+	// handlers return. If zero, 16 MiB. It is never less than MaxMessageSize.
+	MaxBufferedBytes int
+
+	// MaxMetadataBytes bounds the sum of key and value lengths of a call's metadata. If zero,
+	// 8 KiB.
+	MaxMetadataBytes int
+
+	// MaxMetadataEntries bounds the number of metadata entries of a call. If zero, 64.
+	MaxMetadataEntries int
+
+	// MaxTracestate bounds the length of a call's W3C tracestate. If zero, 512.
+	MaxTracestate int
+}
+
+const (
+	minFrameSize            = 16 << 10
+	defaultFrameSize        = 64 << 10
+	defaultMessageSize      = 4 << 20
+	defaultConcurrentCalls  = 1024
+	defaultBufferedBytes    = 16 << 20
+	defaultMetadataBytes    = 8 << 10
+	defaultMetadataEntries  = 64
+	defaultTracestate       = 512
+	defaultHandshakeTimeout = 10 * time.Second
+	defaultIdleTimeout      = 5 * time.Minute
+	defaultKeepalive        = 30 * time.Second
+	defaultKeepaliveTimeout = 15 * time.Second
+	defaultInline           = 50 * time.Microsecond
+	defaultFlatten          = 4 << 10
+	defaultDrainTimeout     = 30 * time.Second
+	controlQueueLimit       = 256
+	maxWireLimit            = 1<<31 - 1
+)
+
+func (l Limits) withDefaults() Limits {
+	def := func(v *int, d int) {
+		if *v <= 0 {
+			*v = d
+		}
+		if *v > maxWireLimit {
+			*v = maxWireLimit
+		}
+	}
+	def(&l.MaxFrameSize, defaultFrameSize)
+	if l.MaxFrameSize < minFrameSize {
+		l.MaxFrameSize = minFrameSize
+	}
+	def(&l.MaxMessageSize, defaultMessageSize)
+	def(&l.MaxConcurrentCalls, defaultConcurrentCalls)
+	def(&l.MaxBufferedBytes, defaultBufferedBytes)
+	if l.MaxBufferedBytes < l.MaxMessageSize {
+		l.MaxBufferedBytes = l.MaxMessageSize
+	}
+	def(&l.MaxMetadataBytes, defaultMetadataBytes)
+	def(&l.MaxMetadataEntries, defaultMetadataEntries)
+	if l.MaxMetadataEntries > 0xFFFF {
+		l.MaxMetadataEntries = 0xFFFF
+	}
+	def(&l.MaxTracestate, defaultTracestate)
+	if l.MaxTracestate > 0xFFFF {
+		l.MaxTracestate = 0xFFFF
+	}
+	return l
+}
+
+// ServerOptions configure a server. The zero value is ready to use.
+type ServerOptions struct {
+	// Logger receives the server's logs. If nil, [slog.Default]. Logs never contain metadata
+	// values or payloads.
+	Logger *slog.Logger
+
+	// Tracer, if not nil, starts a server span for every call, as a child of the caller's
+	// propagated trace context. If nil, no spans are started; the propagated context is still
+	// visible to handlers through [trace.SpanContextFromContext].
+	Tracer trace.Tracer
+
+	// Limits bound what the server accepts; see [Limits].
+	Limits Limits
+
+	// InlineHandlerDuration is how long a handler may run on the connection's reader before a
+	// new reader takes over. Quick handlers then cost no goroutine switch. If zero, 50µs. If
+	// negative, every handler runs on its own goroutine.
+	InlineHandlerDuration time.Duration
+
+	// WriteFlattenLimit is the size below which queued frames are copied into one buffer
+	// before a write; larger payloads are written in place with a vectored write. If zero,
+	// 4 KiB. If negative, nothing is flattened.
+	WriteFlattenLimit int
+
+	// HandshakeTimeout bounds the TLS and weft handshakes of a new connection. If zero, 10s.
+	HandshakeTimeout time.Duration
+
+	// IdleTimeout closes a connection on which nothing has been received for this long; the
+	// server advertises it so clients ping more often. If zero, 5 minutes. If negative, never.
+	IdleTimeout time.Duration
+
+	// DrainTimeout bounds a graceful drain: when the context of [Serve] or [ServeOn] is
+	// cancelled, the server sends a go-away, waits this long for calls in flight, then closes
+	// the remaining connections (a hard stop). If zero, 30s. If negative, cancelling the
+	// context stops at once.
+	DrainTimeout time.Duration
+}
+
+func (o ServerOptions) withDefaults() ServerOptions {
+	if o.Logger == nil {
+		o.Logger = slog.Default()
+	}
+	o.Limits = o.Limits.withDefaults()
+	if o.InlineHandlerDuration == 0 {
+		o.InlineHandlerDuration = defaultInline
+	}
+	if o.WriteFlattenLimit == 0 {
+		o.WriteFlattenLimit = defaultFlatten
+	}
+	if o.HandshakeTimeout <= 0 {
+		o.HandshakeTimeout = defaultHandshakeTimeout
+	}
+	if o.IdleTimeout == 0 {
+		o.IdleTimeout = defaultIdleTimeout
+	}
+	if o.DrainTimeout == 0 {
+		o.DrainTimeout = defaultDrainTimeout
+	}
+	return o
+}
+
+// ClientOptions configure a client connection. The zero value is ready to use.
+type ClientOptions struct {
+	// Logger receives the client's logs. If nil, [slog.Default].
+	Logger *slog.Logger
+
+	// Tracer, if not nil, starts a client span for every call and propagates it. If nil, the
+	// caller's span context (if any) is propagated unchanged.
+	Tracer trace.Tracer
+
+	// Limits bound what the client accepts (MaxFrameSize, MaxMessageSize for replies); the
+	// server-side fields are ignored.
+	Limits Limits
+
+	// WriteFlattenLimit is the size below which queued frames are copied into one buffer
+	// before a write. If zero, 4 KiB. If negative, nothing is flattened.
+	WriteFlattenLimit int
+
+	// HandshakeTimeout bounds dialling and the weft handshake. If zero, 10s.
+	HandshakeTimeout time.Duration
+
+	// KeepaliveInterval is how long the connection may be silent before the client pings. It
+	// is lowered to half the server's idle timeout. If zero, 30s. If negative, no pings are
+	// sent (the server's idle timeout may then close an idle connection).
+	KeepaliveInterval time.Duration
+
+	// KeepaliveTimeout is how long after a ping with no frame received the connection is
+	// declared dead. If zero, 15s.
+	KeepaliveTimeout time.Duration
+}
+
+func (o ClientOptions) withDefaults() ClientOptions {
+	if o.Logger == nil {
+		o.Logger = slog.Default()
+	}
+	o.Limits = o.Limits.withDefaults()
+	if o.WriteFlattenLimit == 0 {
+		o.WriteFlattenLimit = defaultFlatten
+	}
+	if o.HandshakeTimeout <= 0 {
+		o.HandshakeTimeout = defaultHandshakeTimeout
+	}
+	if o.KeepaliveInterval == 0 {
+		o.KeepaliveInterval = defaultKeepalive
+	}
+	if o.KeepaliveTimeout <= 0 {
+		o.KeepaliveTimeout = defaultKeepaliveTimeout
+	}
+	return o
+}
+
+// CallOptions are per-call options.
+type CallOptions struct {
+	// Signature, if not zero, is the digest of the method's signature as the caller's stub
+	// was built. A server whose handler was registered with a different non-zero signature
+	// refuses the call with [ErrSignatureMismatch].
+	Signature uint64
+}
+
+func (l Limits) String() string {
+	return fmt.Sprintf("frame=%d message=%d concurrent=%d buffered=%d metadata=%d/%d tracestate=%d",
+		l.MaxFrameSize, l.MaxMessageSize, l.MaxConcurrentCalls, l.MaxBufferedBytes,
+		l.MaxMetadataBytes, l.MaxMetadataEntries, l.MaxTracestate)
+}
