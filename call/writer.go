@@ -20,11 +20,11 @@ const (
 // frame. Its fields before state are set by the owner before it is queued and not changed while
 // it is queued.
 type outMsg struct {
-	typ     byte   // type of the first frame: frameCall, frameReply, or a control type
-	id      uint64 // request id (or ping id, or last accepted id)
-	head    []byte // sub-header (call or reply header) or the whole control payload
-	payload []byte // message bytes, referenced until the message is finished
-	owned   bool   // an owner waits on sig and can take the writer role
+	typ     byte        // type of the first frame: frameCall, frameReply, or a control type
+	id      uint64      // request id (or ping id, or last accepted id)
+	head    []byte      // sub-header (call or reply header) or the whole control payload
+	payload []byte      // message bytes, referenced until the message is finished
+	owned   bool        // an owner waits on sig and can take the writer role
 	call    *clientCall // the client call this message belongs to, if any
 
 	// sig wakes the owner: the writer role was handed to it, or the message finished.
