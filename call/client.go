@@ -34,8 +34,9 @@ type Conn struct {
 	closed  chan struct{} // closed when the connection is closed
 	readerG sync.WaitGroup
 	pingID  atomic.Uint64
-	recv    atomic.Bool // a frame arrived since the last keepalive tick
-	ka      *time.Timer // keepalive; nil if disabled
+	recv    atomic.Bool       // a frame arrived since the last keepalive tick
+	rh      [replyHdrLen]byte // reply header scratch, owned by the reader
+	ka      *time.Timer       // keepalive; nil if disabled
 
 	callsMu sync.Mutex
 	// guarded by callsMu
@@ -672,11 +673,11 @@ func (c *Conn) onReply(h frameHeader) error {
 	if n < replyHdrLen {
 		return fmt.Errorf("%w: reply frame of %d bytes", ErrProtocol, n)
 	}
-	var rh [replyHdrLen]byte
-	if _, err := io.ReadFull(c.br, rh[:]); err != nil {
+	rh := c.rh[:]
+	if _, err := io.ReadFull(c.br, rh); err != nil {
 		return readError(err)
 	}
-	hdr, _, _ := parseReplyHeader(rh[:])
+	hdr, _, _ := parseReplyHeader(rh)
 	n -= replyHdrLen
 	total := int(hdr.total)
 	end := h.flags&flagEnd != 0

@@ -402,7 +402,7 @@ func (rs *readerState) onCall(h frameHeader) error {
 	}
 	entry := s.hm.lookup(hdr.key)
 	if entry == nil {
-		return s.refuse(h.id, end, codeUnknownMethod, fmt.Sprintf("no handler for method key %x", hdr.key[:]))
+		return s.refuse(h.id, end, codeUnknownMethod, unknownMethodMessage(hdr.key))
 	}
 	if entry.signature != 0 && hdr.signature != 0 && entry.signature != hdr.signature {
 		return s.refuse(h.id, end, codeSignatureMismatch, fmt.Sprintf("%s.%s: the caller was built from a different signature than the server", entry.component, entry.method))
@@ -516,6 +516,14 @@ func (s *serverConn) reserve(n int) error {
 }
 
 var errConnClosing = errors.New("connection closing")
+
+// unknownMethodMessage is kept out of line so that the call header does not escape on every
+// call for the sake of this error path.
+//
+//go:noinline
+func unknownMethodMessage(key MethodKey) string {
+	return fmt.Sprintf("no handler for method key %x", key[:])
+}
 
 // refuse answers a call that will not run with an ERROR frame marked never-ran. If more of its
 // request is to come, the rest is skipped without buffering.

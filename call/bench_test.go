@@ -1,0 +1,118 @@
+package call_test
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"path/filepath"
+	"runtime"
+	"testing"
+
+	"github.com/weftrpc/weft/call"
+	"github.com/weftrpc/weft/endpoint"
+)
+
+var benchSizes = []int{16, 1 << 10, 64 << 10, 1 << 20}
+
+// benchServer serves an echo handler on a fresh listener of the given network and returns a
+// connected client.
+func benchServer(b *testing.B, network string) *call.Conn {
+	b.Helper()
+	var (
+		l   net.Listener
+		ep  endpoint.Endpoint
+		err error
+	)
+	switch network {
+	case "tcp":
+		l, err = net.Listen("tcp", "127.0.0.1:0")
+		if err == nil {
+			ep = endpoint.TCP(l.Addr().String())
+		}
+	case "unix":
+		path := filepath.Join(b.TempDir(), "s")
+		l, err = net.Listen("unix", path)
+		ep = endpoint.Unix(path)
+	}
+	if err != nil {
+		b.Fatal(err)
+	}
+	var hm call.HandlerMap
+	// The reply is the argument slice itself: the server writes the reply before it
+	// releases the arguments.
+	hm.Set("bench", "Echo", func(_ context.Context, args []byte) ([]byte, error) { return args, nil })
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		call.Serve(ctx, call.NetListener(l, &hm), call.ServerOptions{})
+	}()
+	opts := call.ClientOptions{}
+	c, err := call.Dial(ctx, ep, opts)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() {
+		c.Close()
+		cancel()
+		<-done
+	})
+	return c
+}
+
+var echoKey = call.MakeMethodKey("bench", "Echo")
+
+// BenchmarkEcho measures one caller making calls back to back.
+func BenchmarkEcho(b *testing.B) {
+	for _, network := range []string{"tcp", "unix"} {
+		for _, size := range benchSizes {
+			b.Run(fmt.Sprintf("%s/%s", network, sizeName(size)), func(b *testing.B) {
+				c := benchServer(b, network)
+				args := make([]byte, size)
+				ctx := context.Background()
+				b.SetBytes(int64(2 * size))
+				b.ReportAllocs()
+				for b.Loop() {
+					if _, err := c.Call(ctx, echoKey, args, call.CallOptions{}); err != nil {
+						b.Fatal(err)
+					}
+				}
+			})
+		}
+	}
+}
+
+// BenchmarkEchoParallel measures 64 callers sharing one connection.
+func BenchmarkEchoParallel(b *testing.B) {
+	for _, network := range []string{"tcp", "unix"} {
+		for _, size := range benchSizes {
+			b.Run(fmt.Sprintf("%s/%s", network, sizeName(size)), func(b *testing.B) {
+				c := benchServer(b, network)
+				ctx := context.Background()
+				b.SetBytes(int64(2 * size))
+				b.ReportAllocs()
+				b.SetParallelism(max(1, 64/runtime.GOMAXPROCS(0)))
+				b.RunParallel(func(pb *testing.PB) {
+					args := make([]byte, size)
+					for pb.Next() {
+						if _, err := c.Call(ctx, echoKey, args, call.CallOptions{}); err != nil {
+							b.Error(err)
+							return
+						}
+					}
+				})
+			})
+		}
+	}
+}
+
+func sizeName(n int) string {
+	switch {
+	case n >= 1<<20:
+		return fmt.Sprintf("%dMiB", n>>20)
+	case n >= 1<<10:
+		return fmt.Sprintf("%dKiB", n>>10)
+	default:
+		return fmt.Sprintf("%dB", n)
+	}
+}
