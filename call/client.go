@@ -36,6 +36,7 @@ type Conn struct {
 	pingID  atomic.Uint64
 	recv    atomic.Bool       // a frame arrived since the last keepalive tick
 	rh      [replyHdrLen]byte // reply header scratch, owned by the reader
+	upfront int               // declared bytes of replies allocated in full; owned by the reader
 	ka      *time.Timer       // keepalive; nil if disabled
 
 	callsMu sync.Mutex
@@ -82,6 +83,7 @@ type clientCall struct {
 	connDown bool // err is a connection failure, to be classified by what was sent
 
 	// Reader state for multi-frame replies; owned by the reader.
+	upfront  int // bytes of Conn.upfront reserved for this reply
 	total    int
 	skipping bool
 	started  bool
@@ -105,7 +107,7 @@ func putCall(cc *clientCall) {
 	default:
 	}
 	cc.result, cc.err, cc.connDown = nil, nil, false
-	cc.total, cc.skipping, cc.started, cc.abandoned = 0, false, false, false
+	cc.total, cc.upfront, cc.skipping, cc.started, cc.abandoned = 0, 0, false, false, false
 	if cap(cc.hdr) > 4<<10 {
 		cc.hdr = nil
 	}
@@ -703,7 +705,7 @@ func (c *Conn) onReply(h frameHeader) error {
 		_, err := c.br.Discard(n)
 		return readError(err)
 	}
-	cc.result = growMessage(nil, n, total)
+	cc.result, cc.upfront = startMessage(n, total, &c.upfront)
 	if _, err := io.ReadFull(c.br, cc.result[:n]); err != nil {
 		return readError(err)
 	}
@@ -747,6 +749,7 @@ func (c *Conn) onData(h frameHeader) error {
 	}
 	cc.result = cc.result[:got+n]
 	if end {
+		c.upfront -= cc.upfront
 		c.take(h.id)
 		c.finish(cc, cc.result, nil, false)
 	}
@@ -820,7 +823,20 @@ func growMessage(buf []byte, n, total int) []byte {
 	return nb
 }
 
+// startMessage returns the buffer for a message of total bytes whose first frame carries n.
+// While the declared bytes of messages being received on the connection (*upfront) stay within
+// upfrontAllowance, the whole buffer is allocated at once and *upfront grows by total (the
+// caller gives it back with endMessage); beyond that, the buffer grows with the bytes received.
+func startMessage(n, total int, upfront *int) (buf []byte, reserved int) {
+	if total > n && *upfront+total <= upfrontAllowance {
+		*upfront += total
+		return make([]byte, n, total), total
+	}
+	return growMessage(nil, n, total), 0
+}
+
 const (
-	minGrow        = 64 << 10
-	readBufferSize = 4 << 10
+	minGrow          = 64 << 10
+	readBufferSize   = 4 << 10
+	upfrontAllowance = 1 << 20
 )

@@ -97,6 +97,7 @@ type serverCall struct {
 	buf      []byte // request bytes received so far
 	total    int    // declared request length
 	held     int    // bytes of buf counted in the connection's held bytes
+	upfront  int    // bytes of serverConn.upfront reserved for buf
 	pooled   bool   // the handler's args came from the buffer pool
 	skipping bool   // the call failed before completion; remaining chunks are discarded
 	started  bool   // the handler has been started

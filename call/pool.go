@@ -2,33 +2,53 @@ package call
 
 import "sync"
 
-// Buffer pools. A pooled buffer's size class is its capacity; buffers larger than the biggest
-// class are left to the garbage collector.
-var bufferClasses = [...]int{512, 4 << 10, 64 << 10}
+// Buffer pools in three size classes. A pooled buffer is a fixed-size array, so that giving it
+// back costs no allocation: its pointer is recovered from the slice's capacity.
+const (
+	smallBuffer  = 512
+	mediumBuffer = 4 << 10
+	largeBuffer  = 64 << 10
+)
 
-var bufferPools [len(bufferClasses)]sync.Pool
+var (
+	smallPool  sync.Pool // *[smallBuffer]byte
+	mediumPool sync.Pool // *[mediumBuffer]byte
+	largePool  sync.Pool // *[largeBuffer]byte
+)
 
 // getBuffer returns a buffer of length n, pooled when n fits a size class.
 func getBuffer(n int) []byte {
-	for i, c := range bufferClasses {
-		if n <= c {
-			if p, ok := bufferPools[i].Get().(*[]byte); ok {
-				return (*p)[:n]
-			}
-			return make([]byte, n, c)
+	switch {
+	case n <= smallBuffer:
+		if p, ok := smallPool.Get().(*[smallBuffer]byte); ok {
+			return p[:n]
 		}
+		return new([smallBuffer]byte)[:n]
+	case n <= mediumBuffer:
+		if p, ok := mediumPool.Get().(*[mediumBuffer]byte); ok {
+			return p[:n]
+		}
+		return new([mediumBuffer]byte)[:n]
+	case n <= largeBuffer:
+		if p, ok := largePool.Get().(*[largeBuffer]byte); ok {
+			return p[:n]
+		}
+		return new([largeBuffer]byte)[:n]
+	default:
+		return make([]byte, n)
 	}
-	return make([]byte, n)
 }
 
-// putBuffer returns a buffer from getBuffer to its pool.
+// putBuffer returns a buffer from getBuffer to its pool. Other buffers are left to the
+// garbage collector.
 func putBuffer(b []byte) {
-	for i, c := range bufferClasses {
-		if cap(b) == c {
-			b = b[:0]
-			bufferPools[i].Put(&b)
-			return
-		}
+	switch cap(b) {
+	case smallBuffer:
+		smallPool.Put((*[smallBuffer]byte)(b[:smallBuffer]))
+	case mediumBuffer:
+		mediumPool.Put((*[mediumBuffer]byte)(b[:mediumBuffer]))
+	case largeBuffer:
+		largePool.Put((*[largeBuffer]byte)(b[:largeBuffer]))
 	}
 }
 

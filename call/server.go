@@ -112,19 +112,20 @@ func ServeOn(ctx context.Context, conn net.Conn, hm *HandlerMap, opts ServerOpti
 
 // serverConn is the server side of one connection.
 type serverConn struct {
-	conn   net.Conn
-	hm     *HandlerMap
-	opts   *ServerOptions
-	lim    *Limits
-	log    *logLimiter
-	peer   hello
-	w      *writer
-	br     *bufio.Reader
-	ctx    context.Context // parent of every handler's context: values and the peer
-	addr   string
-	recv   atomic.Bool    // a frame arrived since the last idle tick
-	wg     sync.WaitGroup // reader and handler goroutines other than serveConn's own
-	inline time.Duration
+	conn    net.Conn
+	hm      *HandlerMap
+	opts    *ServerOptions
+	lim     *Limits
+	log     *logLimiter
+	peer    hello
+	w       *writer
+	br      *bufio.Reader
+	ctx     context.Context // parent of every handler's context: values and the peer
+	addr    string
+	recv    atomic.Bool    // a frame arrived since the last idle tick
+	wg      sync.WaitGroup // reader and handler goroutines other than serveConn's own
+	inline  time.Duration
+	upfront int // declared bytes of requests allocated in full; owned by the reader
 
 	mu sync.Mutex
 	// guarded by mu
@@ -437,7 +438,7 @@ func (rs *readerState) onCall(h frameHeader) error {
 
 	if !end {
 		sc.total = total
-		sc.buf = growMessage(nil, len(args), total)
+		sc.buf, sc.upfront = startMessage(len(args), total, &s.upfront)
 		copy(sc.buf, args)
 		return nil
 	}
@@ -488,6 +489,7 @@ func (rs *readerState) onData(h frameHeader) error {
 	if !end {
 		return nil
 	}
+	s.upfront -= sc.upfront
 	s.mu.Lock()
 	s.partialBytes -= sc.total
 	s.heldBytes += sc.total
@@ -570,6 +572,7 @@ func (s *serverConn) onCancel(id uint64) error {
 		// Still being received: drop it and answer for it.
 		delete(s.calls, id)
 		s.partialBytes -= len(sc.buf)
+		s.upfront -= sc.upfront
 		sc.buf = nil
 		s.budgetCond.Broadcast()
 		s.mu.Unlock()

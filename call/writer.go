@@ -102,6 +102,7 @@ type writer struct {
 	// Owned by the writer role.
 	flat  []byte
 	bufs  net.Buffers
+	wbufs net.Buffers // the copy of bufs that a write consumes
 	segs  []segment
 	round []*outMsg
 }
@@ -429,8 +430,8 @@ func (w *writer) write() (int, error) {
 	if prev < len(w.flat) {
 		w.bufs = append(w.bufs, w.flat[prev:])
 	}
-	bufs := w.bufs // WriteTo consumes its receiver
-	n, err := bufs.WriteTo(w.conn)
+	w.wbufs = w.bufs // WriteTo consumes its receiver
+	n, err := w.wbufs.WriteTo(w.conn)
 	clear(w.bufs[:cap(w.bufs)])
 	for i := range w.segs {
 		w.segs[i].ext = nil
