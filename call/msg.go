@@ -167,15 +167,6 @@ type frameHeader struct {
 	id     uint64
 }
 
-func putHeader(b []byte, typ, flags byte, length int, id uint64) {
-	b[0] = typ
-	b[1] = flags
-	b[2] = 0
-	b[3] = 0
-	binary.BigEndian.PutUint32(b[4:], uint32(length))
-	binary.BigEndian.PutUint64(b[8:], id)
-}
-
 func appendHeader(b []byte, typ, flags byte, length int, id uint64) []byte {
 	b = append(b, typ, flags, 0, 0)
 	b = binary.BigEndian.AppendUint32(b, uint32(length))

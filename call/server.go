@@ -148,7 +148,6 @@ type serverConn struct {
 type closeRequest struct {
 	code    int // GOAWAY close code, or -1 for no go-away
 	reason  error
-	hard    bool
 	drained bool
 }
 
