@@ -436,6 +436,7 @@ func (c *Conn) Call(ctx context.Context, key MethodKey, args []byte, opts CallOp
 	cc.msg.typ = frameCall
 	cc.msg.head = cc.hdr
 	cc.msg.payload = args
+	cc.msg.cancel = ctx.Done()
 	if err := c.w.send(&cc.msg); err != nil {
 		// Not queued: the connection is closed or out of request ids.
 		<-c.slots

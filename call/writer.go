@@ -26,6 +26,9 @@ type outMsg struct {
 	payload []byte      // message bytes, referenced until the message is finished
 	owned   bool        // an owner waits on sig and can take the writer role
 	call    *clientCall // the client call this message belongs to, if any
+	// cancel, if not nil, is the owner's context's Done channel: once it is closed the writer
+	// sends no further frames of the message.
+	cancel <-chan struct{}
 
 	// sig wakes the owner: the writer role was handed to it, or the message finished.
 	sig chan struct{}
@@ -41,6 +44,15 @@ type outMsg struct {
 	endPos  int   // during a round: end offset of this message's frame in the round
 }
 
+func isClosed(c <-chan struct{}) bool {
+	select {
+	case <-c:
+		return true
+	default:
+		return false
+	}
+}
+
 func newOutMsg() *outMsg { return &outMsg{sig: make(chan struct{}, 1)} }
 
 // reset prepares m for reuse.
@@ -49,7 +61,7 @@ func (m *outMsg) reset() {
 	case <-m.sig:
 	default:
 	}
-	m.head, m.payload = nil, nil
+	m.head, m.payload, m.cancel = nil, nil, nil
 	m.state, m.off, m.started, m.sentAll, m.sentAny, m.counted, m.err = msgIdle, 0, false, false, false, false, nil
 }
 
@@ -320,6 +332,11 @@ func (w *writer) run(own *outMsg) {
 			}
 			w.mu.Unlock()
 			return
+		}
+		if own != nil && own.state == msgQueued && own.cancel != nil && isClosed(own.cancel) {
+			// The owner gave up on its message: stop writing it.
+			w.removeLocked(own)
+			w.finishLocked(own)
 		}
 		if own == nil || own.state == msgFinished {
 			// Our message is done: hand the role to a waiting owner, if there is one.
