@@ -24,9 +24,10 @@ type Endpoint interface {
 	// Dial returns a new network connection to the endpoint.
 	Dial(ctx context.Context) (net.Conn, error)
 
-	// Address returns the address of the endpoint, in the form [Parse] accepts. Two endpoints
-	// with the same address represent the same server; two endpoints with different addresses
-	// may still represent the same server (for example "tcp://localhost:80" and
+	// Address returns the address of the endpoint: "tcp://host:port" or "unix://path" (the
+	// forms [Parse] accepts), or such an address prefixed with "mtls+" for [MTLS]. Two
+	// endpoints with the same address represent the same server; two endpoints with different
+	// addresses may still represent the same server (for example "tcp://localhost:80" and
 	// "tcp://127.0.0.1:80").
 	Address() string
 }
