@@ -24,8 +24,9 @@ func MakeMethodKey(component, method string) MethodKey {
 	return k
 }
 
-// A Handler runs one call. args is valid only until the handler returns; the handler owns the
-// bytes it returns, and the server does not modify them.
+// A Handler runs one call. args is valid only until the handler returns, but the handler may
+// return args (or part of it) as its reply: the reply is written before args are released. The
+// server does not modify the bytes a handler returns.
 //
 // Application errors belong inside the returned bytes (the codec encodes them). A handler
 // returns a non-nil error only when it could not run the call; the caller then receives
