@@ -36,8 +36,9 @@ type Conn struct {
 	pingID  atomic.Uint64
 	recv    atomic.Bool       // a frame arrived since the last keepalive tick
 	rh      [replyHdrLen]byte // reply header scratch, owned by the reader
-	upfront int               // declared bytes of replies allocated in full; owned by the reader
-	ka      *time.Timer       // keepalive; nil if disabled
+	free    freeList[clientCall]
+	upfront int         // declared bytes of replies allocated in full; owned by the reader
+	ka      *time.Timer // keepalive; nil if disabled
 
 	callsMu sync.Mutex
 	// guarded by callsMu
@@ -92,15 +93,14 @@ type clientCall struct {
 	abandoned bool // the caller returned; the reader frees the slot and recycles the call
 }
 
-var callPool = sync.Pool{New: func() any {
+func newClientCall() *clientCall {
 	cc := &clientCall{msg: outMsg{sig: make(chan struct{}, 1)}, done: make(chan struct{}, 1)}
 	cc.msg.call = cc
 	return cc
-}}
+}
 
-func getCall() *clientCall { return callPool.Get().(*clientCall) }
-
-func putCall(cc *clientCall) {
+// resetCall prepares cc for reuse.
+func resetCall(cc *clientCall) {
 	cc.msg.reset()
 	select {
 	case <-cc.done:
@@ -111,7 +111,13 @@ func putCall(cc *clientCall) {
 	if cap(cc.hdr) > 4<<10 {
 		cc.hdr = nil
 	}
-	callPool.Put(cc)
+}
+
+func (c *Conn) getCall() *clientCall { return c.free.get() }
+
+func (c *Conn) putCall(cc *clientCall) {
+	resetCall(cc)
+	c.free.put(cc)
 }
 
 // Dial connects to ep and performs the weft handshake. ctx bounds only dialling and the
@@ -165,6 +171,7 @@ func newConn(ctx context.Context, nc net.Conn, addr string, opts ClientOptions) 
 		calls:  map[uint64]*clientCall{},
 		nextID: 1,
 	}
+	c.free.alloc = newClientCall
 	c.w = newWriter(nc, int(peer.maxFrame), opts.WriteFlattenLimit)
 	c.w.onCall = c.register
 	c.w.onError = func(err error) { c.fail(fmt.Errorf("writing to %s: %w", c.addr, err)) }
@@ -241,9 +248,11 @@ func handshakeError(addr string, err error) error {
 	var uerr x509.UnknownAuthorityError
 	var herr x509.HostnameError
 	var cerr x509.CertificateInvalidError
+	var operr *net.OpError
 	msg := "connecting to " + addr
 	switch {
-	case errors.As(err, &alert), errors.As(err, &verr), errors.As(err, &uerr), errors.As(err, &herr), errors.As(err, &cerr):
+	case errors.As(err, &alert), errors.As(err, &verr), errors.As(err, &uerr), errors.As(err, &herr), errors.As(err, &cerr),
+		errors.As(err, &operr) && operr.Op == "remote error": // a TLS alert from the server
 		return newError(ErrAuthentication, true, msg, err)
 	case errors.Is(err, ErrProtocol):
 		return newError(ErrProtocol, true, msg, err)
@@ -363,7 +372,7 @@ func (c *Conn) failAll() {
 	c.calls = map[uint64]*clientCall{}
 	c.callsMu.Unlock()
 	for _, cc := range calls {
-		c.finish(cc, nil, nil, true)
+		c.finish(cc, nil, nil, true, false)
 	}
 }
 
@@ -422,7 +431,7 @@ func (c *Conn) Call(ctx context.Context, key MethodKey, args []byte, opts CallOp
 		}
 	}
 
-	cc := getCall()
+	cc := c.getCall()
 	var span trace.Span
 	if c.opts.Tracer != nil {
 		ctx, span = c.opts.Tracer.Start(ctx, "weft.call", trace.WithSpanKind(trace.SpanKindClient))
@@ -430,17 +439,20 @@ func (c *Conn) Call(ctx context.Context, key MethodKey, args []byte, opts CallOp
 	}
 	if err := c.encodeHeader(ctx, cc, key, opts.Signature, hasDeadline, deadline, len(args)); err != nil {
 		<-c.slots
-		putCall(cc)
+		c.putCall(cc)
 		return nil, err
 	}
 	cc.msg.typ = frameCall
 	cc.msg.head = cc.hdr
 	cc.msg.payload = args
 	cc.msg.cancel = ctx.Done()
+	if hasDeadline {
+		cc.msg.deadline = d
+	}
 	if err := c.w.send(&cc.msg); err != nil {
 		// Not queued: the connection is closed or out of request ids.
 		<-c.slots
-		putCall(cc)
+		c.putCall(cc)
 		if err == errIDsExhausted {
 			c.mu.Lock()
 			c.draining = true
@@ -518,7 +530,7 @@ func (c *Conn) complete(cc *clientCall) ([]byte, error) {
 	if cc.connDown {
 		err = c.downError(cc.msg.id, sentAll)
 	}
-	putCall(cc)
+	c.putCall(cc)
 	return result, err
 }
 
@@ -553,7 +565,7 @@ func (c *Conn) abandon(ctx context.Context, cc *clientCall) ([]byte, error) {
 		delete(c.calls, cc.msg.id)
 		c.callsMu.Unlock()
 		<-c.slots
-		putCall(cc)
+		c.putCall(cc)
 		return nil, ctxError(ctx, true)
 	}
 	// The server knows it: cancel it there. Its terminal frame frees the slot and recycles cc.
@@ -565,16 +577,17 @@ func (c *Conn) abandon(ctx context.Context, cc *clientCall) ([]byte, error) {
 }
 
 // finish delivers the outcome of a call (from the reader or failAll), or recycles an abandoned
-// call. connDown marks a connection failure, to be classified by the caller. A terminal frame
-// from the server frees the call's slot.
-func (c *Conn) finish(cc *clientCall, result []byte, err error, connDown bool) {
-	if !connDown {
+// call. connDown marks a connection failure or go-away, to be classified by the caller with
+// downError. freeSlot frees the call's slot: a terminal frame from the server, or a go-away
+// that refuses the call, ends its use of the server.
+func (c *Conn) finish(cc *clientCall, result []byte, err error, connDown, freeSlot bool) {
+	if freeSlot {
 		<-c.slots
 	}
 	c.callsMu.Lock()
 	if cc.abandoned {
 		c.callsMu.Unlock()
-		putCall(cc)
+		c.putCall(cc)
 		return
 	}
 	cc.result, cc.err, cc.connDown = result, err, connDown
@@ -604,6 +617,9 @@ func (c *Conn) lookup(id uint64) *clientCall {
 func (c *Conn) readLoop() {
 	defer c.readerG.Done()
 	err := c.read()
+	// Replies cut off by the failure give back their up-front reservations.
+	upfrontInUse.Add(-int64(c.upfront))
+	c.upfront = 0
 	c.fail(err)
 }
 
@@ -640,10 +656,10 @@ func (c *Conn) read() error {
 				return err
 			}
 			if cc := c.take(h.id); cc != nil {
-				c.finish(cc, nil, errorFromWire(body), false)
+				c.finish(cc, nil, errorFromWire(body), false, true)
 			}
 		case framePing:
-			if !c.w.control(framePong, h.id, nil) {
+			if !c.w.controlWait(framePong, h.id, nil) {
 				return fmt.Errorf("%w: server %s floods pings", ErrProtocol, c.addr)
 			}
 		case framePong:
@@ -701,7 +717,7 @@ func (c *Conn) onReply(h frameHeader) error {
 		cc.skipping = true
 		if end {
 			c.take(h.id)
-			c.finish(cc, nil, newError(ErrMessageTooLarge, false, fmt.Sprintf("reply of %d bytes exceeds the client's limit of %d", total, c.opts.Limits.MaxMessageSize), nil), false)
+			c.finish(cc, nil, newError(ErrMessageTooLarge, false, fmt.Sprintf("reply of %d bytes exceeds the client's limit of %d", total, c.opts.Limits.MaxMessageSize), nil), false, true)
 		}
 		_, err := c.br.Discard(n)
 		return readError(err)
@@ -713,7 +729,7 @@ func (c *Conn) onReply(h frameHeader) error {
 	cc.result = cc.result[:n]
 	if end {
 		c.take(h.id)
-		c.finish(cc, cc.result, nil, false)
+		c.finish(cc, cc.result, nil, false, true)
 	}
 	return nil
 }
@@ -737,7 +753,7 @@ func (c *Conn) onData(h frameHeader) error {
 		}
 		if end {
 			c.take(h.id)
-			c.finish(cc, nil, newError(ErrMessageTooLarge, false, fmt.Sprintf("reply of %d bytes exceeds the client's limit of %d", cc.total, c.opts.Limits.MaxMessageSize), nil), false)
+			c.finish(cc, nil, newError(ErrMessageTooLarge, false, fmt.Sprintf("reply of %d bytes exceeds the client's limit of %d", cc.total, c.opts.Limits.MaxMessageSize), nil), false, true)
 		}
 		return nil
 	}
@@ -750,9 +766,10 @@ func (c *Conn) onData(h frameHeader) error {
 	}
 	cc.result = cc.result[:got+n]
 	if end {
-		c.upfront -= cc.upfront
+		endMessage(&c.upfront, cc.upfront)
+		cc.upfront = 0
 		c.take(h.id)
-		c.finish(cc, cc.result, nil, false)
+		c.finish(cc, cc.result, nil, false, true)
 	}
 	return nil
 }
@@ -792,7 +809,7 @@ func (c *Conn) onGoAway(lastID uint64, body []byte) error {
 	}
 	c.callsMu.Unlock()
 	for _, cc := range refused {
-		c.finish(cc, nil, nil, true) // classified by downError as refused
+		c.finish(cc, nil, nil, true, true) // classified by downError as refused
 	}
 	c.opts.Logger.Debug("weft: go-away from server", slog.String("addr", c.addr), slog.Uint64("last_id", lastID), slog.Int("code", int(code)))
 	return nil
@@ -826,18 +843,35 @@ func growMessage(buf []byte, n, total int) []byte {
 
 // startMessage returns the buffer for a message of total bytes whose first frame carries n.
 // While the declared bytes of messages being received on the connection (*upfront) stay within
-// upfrontAllowance, the whole buffer is allocated at once and *upfront grows by total (the
-// caller gives it back with endMessage); beyond that, the buffer grows with the bytes received.
+// upfrontAllowance, and those of all connections in the process within upfrontProcessLimit,
+// the whole buffer is allocated at once; the caller gives the reservation back with
+// endMessage. Beyond that, the buffer grows with the bytes received.
 func startMessage(n, total int, upfront *int) (buf []byte, reserved int) {
 	if total > n && *upfront+total <= upfrontAllowance {
-		*upfront += total
-		return make([]byte, n, total), total
+		if upfrontInUse.Add(int64(total)) <= upfrontProcessLimit {
+			*upfront += total
+			return make([]byte, n, total), total
+		}
+		upfrontInUse.Add(-int64(total))
 	}
 	return growMessage(nil, n, total), 0
 }
 
+// endMessage returns a reservation made by startMessage.
+func endMessage(upfront *int, reserved int) {
+	if reserved > 0 {
+		*upfront -= reserved
+		upfrontInUse.Add(-int64(reserved))
+	}
+}
+
+// upfrontInUse is the sum of up-front reservations of all connections in the process, so that
+// many connections cannot each pin their allowance with a few bytes declaring large messages.
+var upfrontInUse atomic.Int64
+
 const (
-	minGrow          = 64 << 10
-	readBufferSize   = 4 << 10
-	upfrontAllowance = 1 << 20
+	minGrow             = 64 << 10
+	readBufferSize      = 4 << 10
+	upfrontAllowance    = 1 << 20
+	upfrontProcessLimit = 64 << 20
 )

@@ -6,7 +6,19 @@ import (
 	"fmt"
 	"math"
 	"time"
+	"unicode/utf8"
 )
+
+// truncateUTF8 returns s cut to at most n bytes without splitting a UTF-8 sequence.
+func truncateUTF8(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	for n > 0 && !utf8.RuneStart(s[n]) {
+		n--
+	}
+	return s[:n]
+}
 
 // durationToMillis converts d to whole milliseconds, rounding up and saturating.
 func durationToMillis(d time.Duration) uint32 {
@@ -415,10 +427,7 @@ func appendErrorBody(b []byte, e *errorBody) []byte {
 	if e.neverRan {
 		flags |= errFlagNeverRan
 	}
-	msg := e.msg
-	if len(msg) > maxErrorMsg {
-		msg = msg[:maxErrorMsg]
-	}
+	msg := truncateUTF8(e.msg, maxErrorMsg)
 	b = append(b, e.code, flags)
 	b = binary.BigEndian.AppendUint32(b, durationToMillis(e.retryAfter))
 	b = binary.BigEndian.AppendUint16(b, uint16(len(msg)))

@@ -68,12 +68,36 @@ func putScratch(b []byte) {
 	}
 }
 
-var outMsgPool = sync.Pool{New: func() any { return newOutMsg() }}
+// freeList is a small per-connection free list. Objects that hold channels are recycled per
+// connection rather than in a global sync.Pool: a connection's goroutines and channels all
+// belong to one testing/synctest bubble, and a channel must not cross bubbles.
+type freeList[T any] struct {
+	alloc func() *T
 
-func getOutMsg() *outMsg { return outMsgPool.Get().(*outMsg) }
+	mu sync.Mutex
+	// guarded by mu
+	items []*T
+}
 
-func putOutMsg(m *outMsg) {
-	m.reset()
-	m.owned, m.call = false, nil
-	outMsgPool.Put(m)
+const maxFree = 64
+
+func (f *freeList[T]) get() *T {
+	f.mu.Lock()
+	if n := len(f.items); n > 0 {
+		x := f.items[n-1]
+		f.items[n-1] = nil
+		f.items = f.items[:n-1]
+		f.mu.Unlock()
+		return x
+	}
+	f.mu.Unlock()
+	return f.alloc()
+}
+
+func (f *freeList[T]) put(x *T) {
+	f.mu.Lock()
+	if len(f.items) < maxFree {
+		f.items = append(f.items, x)
+	}
+	f.mu.Unlock()
 }

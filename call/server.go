@@ -126,12 +126,16 @@ type serverConn struct {
 	wg      sync.WaitGroup // reader and handler goroutines other than serveConn's own
 	inline  time.Duration
 	upfront int // declared bytes of requests allocated in full; owned by the reader
+	msgs    freeList[outMsg]
+	pings   tokenBucket // owned by the reader
 
 	mu sync.Mutex
 	// guarded by mu
 	calls        map[uint64]*serverCall // received and not finished: partial, running, or skipped
 	lastID       uint64                 // highest request id received
-	running      int                    // calls holding a slot: from CALL to their terminal frame
+	running      int                    // calls holding a slot: from CALL until the handler returns
+	active       int                    // handlers started whose terminal frame is not yet written
+	skipping     int                    // refused calls whose remaining frames are being skipped
 	partialBytes int                    // bytes of requests still being received
 	heldBytes    int                    // bytes of assembled requests whose handlers run
 	budgetCond   sync.Cond              // signalled when bytes are freed or the connection closes
@@ -141,6 +145,7 @@ type serverConn struct {
 	goAwayID     uint64
 	closing      *closeRequest // a close the reader must carry out
 	closed       bool
+	closedCh     chan struct{} // closed by shutdown
 	idle         *time.Timer
 	drainTimer   *time.Timer
 }
@@ -162,19 +167,22 @@ func serveConn(ctx context.Context, conn net.Conn, hm *HandlerMap, opts *ServerO
 		hm = &HandlerMap{}
 	}
 	s := &serverConn{
-		conn:   conn,
-		hm:     hm,
-		opts:   opts,
-		lim:    &opts.Limits,
-		log:    ll,
-		peer:   peer,
-		br:     bufio.NewReaderSize(conn, readBufferSize),
-		ctx:    context.WithValue(context.WithoutCancel(ctx), peerKey{}, pinfo),
-		addr:   remoteAddr(conn),
-		calls:  map[uint64]*serverCall{},
-		inline: opts.InlineHandlerDuration,
+		conn:     conn,
+		hm:       hm,
+		opts:     opts,
+		lim:      &opts.Limits,
+		log:      ll,
+		peer:     peer,
+		br:       bufio.NewReaderSize(conn, readBufferSize),
+		ctx:      context.WithValue(context.WithoutCancel(ctx), peerKey{}, pinfo),
+		addr:     remoteAddr(conn),
+		calls:    map[uint64]*serverCall{},
+		inline:   opts.InlineHandlerDuration,
+		closedCh: make(chan struct{}),
 	}
 	s.budgetCond.L = &s.mu
+	s.pings = tokenBucket{tokens: pingBurst, burst: pingBurst, rate: pingRate}
+	s.msgs.alloc = newOutMsg
 	s.w = newWriter(conn, int(peer.maxFrame), opts.WriteFlattenLimit)
 	s.w.onError = func(err error) { s.shutdown(fmt.Errorf("writing: %w", err)) }
 	setNotSentLowat(conn)
@@ -191,11 +199,16 @@ func serveConn(ctx context.Context, conn net.Conn, hm *HandlerMap, opts *ServerO
 
 	s.newReader().loop()
 
+	// The first reader may have handed reading to another goroutine; the connection lives on
+	// until it is closed.
+	<-s.closedCh
 	if stopDrain() {
 		s.wg.Done()
 	}
 	s.wg.Wait()
 	s.w.wg.Wait()
+	// Requests cut off by the close give back their up-front reservations.
+	upfrontInUse.Add(-int64(s.upfront))
 	s.mu.Lock()
 	if s.idle != nil {
 		s.idle.Stop()
@@ -234,13 +247,15 @@ func serverHandshake(ctx context.Context, conn net.Conn, opts *ServerOptions) (h
 	}
 	own := helloFromLimits(opts.Limits, opts.Limits.MaxConcurrentCalls, idle)
 	var out [helloPrefixLen + helloRestLen]byte
-	if version != protocolV1 {
-		conn.Write(own.append(out[:0]))
-		return hello{}, nil, fmt.Errorf("%w: client speaks protocol version %d, this server speaks %d", ErrProtocol, version, protocolV1)
-	}
 	var buf [helloMaxRest]byte
 	if _, err := io.ReadFull(conn, buf[:rest]); err != nil {
 		return hello{}, nil, fmt.Errorf("reading hello: %w", err)
+	}
+	if version != protocolV1 {
+		// Answer with our version, having read all the client wrote, so that the client can
+		// report the mismatch (an unbuffered transport would deadlock otherwise).
+		conn.Write(own.append(out[:0]))
+		return hello{}, nil, fmt.Errorf("%w: client speaks protocol version %d, this server speaks %d", ErrProtocol, version, protocolV1)
 	}
 	peer, err := parseHelloRest(version, prefix[5], buf[:rest])
 	if err != nil {
@@ -270,6 +285,10 @@ type readerState struct {
 	scratch []byte
 	timer   *time.Timer
 	state   atomic.Int32 // readerReading, readerInline, readerHandedOff
+	// callbacks counts an armed timer and a running callback; a handed-off callback starts
+	// the next reader before it is done, so the reader that waits for it is still counted in
+	// serverConn.wg when the new reader is added.
+	callbacks sync.WaitGroup
 }
 
 const (
@@ -289,6 +308,7 @@ func (s *serverConn) newReader() *readerState {
 
 // handOff runs on the inline timer: the handler has run too long, so a new reader takes over.
 func (rs *readerState) handOff() {
+	defer rs.callbacks.Done()
 	s := rs.s
 	s.wg.Add(1)
 	if !rs.state.CompareAndSwap(readerInline, readerHandedOff) {
@@ -306,7 +326,9 @@ func (rs *readerState) loop() {
 	s := rs.s
 	defer func() {
 		if rs.timer != nil {
-			rs.timer.Stop()
+			// The timer is never armed here (arming spans a dispatch), but a callback of the
+			// last arming may still run: it must finish before the reader is gone.
+			rs.callbacks.Wait()
 		}
 		putScratch(rs.scratch)
 	}()
@@ -345,7 +367,7 @@ func (rs *readerState) next() error {
 	case frameCancel:
 		return s.onCancel(h.id)
 	case framePing:
-		if !s.w.control(framePong, h.id, nil) {
+		if !s.pings.allow(time.Now()) || !s.w.controlWait(framePong, h.id, nil) {
 			return errFlood("pings")
 		}
 		return nil
@@ -424,13 +446,12 @@ func (rs *readerState) onCall(h frameHeader) error {
 		s.mu.Unlock()
 		return s.refuse(h.id, end, codeRefused, fmt.Sprintf("over the limit of %d concurrent calls", s.lim.MaxConcurrentCalls))
 	}
-	if len(s.calls) >= 2*s.lim.MaxConcurrentCalls {
-		s.mu.Unlock()
-		return fmt.Errorf("%w: %d calls open on one connection", ErrProtocol, len(s.calls))
-	}
 	s.running++
 	s.calls[h.id] = sc
-	if !end {
+	if end {
+		sc.started = true
+		s.active++
+	} else {
 		s.partialBytes += len(args)
 	}
 	s.mu.Unlock()
@@ -467,6 +488,7 @@ func (rs *readerState) onData(h frameHeader) error {
 		if end {
 			s.mu.Lock()
 			delete(s.calls, h.id)
+			s.skipping--
 			s.mu.Unlock()
 		}
 		return nil
@@ -488,10 +510,13 @@ func (rs *readerState) onData(h frameHeader) error {
 	if !end {
 		return nil
 	}
-	s.upfront -= sc.upfront
+	endMessage(&s.upfront, sc.upfront)
+	sc.upfront = 0
 	s.mu.Lock()
 	s.partialBytes -= sc.total
 	s.heldBytes += sc.total
+	sc.started = true
+	s.active++
 	s.mu.Unlock()
 	sc.held = sc.total
 	return rs.dispatch(sc, sc.buf, false)
@@ -531,15 +556,16 @@ func unknownMethodMessage(key MethodKey) string {
 func (s *serverConn) refuse(id uint64, end bool, code byte, msg string) error {
 	if !end {
 		s.mu.Lock()
-		if len(s.calls) >= 2*s.lim.MaxConcurrentCalls {
+		if s.skipping >= s.lim.MaxConcurrentCalls+controlQueueLimit {
 			s.mu.Unlock()
-			return fmt.Errorf("%w: %d calls open on one connection", ErrProtocol, len(s.calls))
+			return fmt.Errorf("%w: %d refused calls still sending", ErrProtocol, s.skipping)
 		}
+		s.skipping++
 		s.calls[id] = &serverCall{id: id, skipping: true}
 		s.mu.Unlock()
 	}
 	body := appendErrorBody(nil, &errorBody{code: code, neverRan: true, msg: msg})
-	if !s.w.control(frameError, id, body) {
+	if !s.w.controlWait(frameError, id, body) {
 		return errFlood("refused calls")
 	}
 	return nil
@@ -565,22 +591,24 @@ func (s *serverConn) onCancel(id uint64) error {
 	case sc.skipping:
 		// Its terminal frame was sent when it was refused.
 		delete(s.calls, id)
+		s.skipping--
 		s.mu.Unlock()
 		return nil
 	case !sc.started:
 		// Still being received: drop it and answer for it.
 		delete(s.calls, id)
 		s.partialBytes -= len(sc.buf)
-		s.upfront -= sc.upfront
+		endMessage(&s.upfront, sc.upfront)
+		sc.upfront = 0
 		sc.buf = nil
+		s.running--
 		s.budgetCond.Broadcast()
 		s.mu.Unlock()
 		body := appendErrorBody(nil, &errorBody{code: codeCanceled, neverRan: true, msg: "cancelled by the caller"})
-		ok := s.w.control(frameError, id, body)
-		s.releaseSlot()
-		if !ok {
+		if !s.w.controlWait(frameError, id, body) {
 			return errFlood("cancels")
 		}
+		s.checkDrained()
 		return nil
 	default:
 		s.mu.Unlock()
@@ -591,11 +619,11 @@ func (s *serverConn) onCancel(id uint64) error {
 
 var errCanceledByCaller = errors.New("call: cancelled by the caller")
 
-// releaseSlot frees a call's slot once its terminal frame is queued, and finishes a drain.
-func (s *serverConn) releaseSlot() {
+// checkDrained closes a draining connection once no call holds a slot and every terminal frame
+// is written or queued.
+func (s *serverConn) checkDrained() {
 	s.mu.Lock()
-	s.running--
-	done := s.draining && s.running == 0
+	done := s.draining && s.running == 0 && s.active == 0
 	s.mu.Unlock()
 	if done {
 		s.requestClose(&closeRequest{code: -1, reason: errDrained, drained: true})
@@ -609,13 +637,18 @@ var errDrained = errors.New("drained")
 // buffer.
 func (rs *readerState) dispatch(sc *serverCall, args []byte, inScratch bool) error {
 	s := rs.s
-	sc.started = true
 	if rs.timer != nil {
+		// A callback of the previous arming may still be finishing: it must not see this
+		// handler as its own.
+		rs.callbacks.Wait()
 		rs.state.Store(readerInline)
+		rs.callbacks.Add(1) // done by the callback, or here if the timer is stopped first
 		rs.timer.Reset(s.inline)
 		s.run(sc, args)
 		if rs.state.CompareAndSwap(readerInline, readerReading) {
-			rs.timer.Stop()
+			if rs.timer.Stop() {
+				rs.callbacks.Done()
+			}
 			return nil
 		}
 		return errHandedOff
@@ -634,8 +667,13 @@ func (rs *readerState) dispatch(sc *serverCall, args []byte, inScratch bool) err
 	return nil
 }
 
-// run runs a handler, sends its terminal frame, and frees its slot.
+// run runs a handler, sends its terminal frame, and frees its slot. A call whose deadline has
+// passed by the time it would start does not run.
 func (s *serverConn) run(sc *serverCall, args []byte) {
+	if !sc.deadline.IsZero() && !time.Now().Before(sc.deadline) {
+		s.finish(sc, args, nil, &errorBody{code: codeDeadline, neverRan: true, msg: "deadline expired before the handler started"})
+		return
+	}
 	ctx := context.Context(sc)
 	var span trace.Span
 	if sc.trace.IsValid() {
@@ -651,26 +689,43 @@ func (s *serverConn) run(sc *serverCall, args []byte) {
 		}
 		span.End()
 	}
-	sc.release()
-
-	m := getOutMsg()
-	m.id = sc.id
+	var eb *errorBody
 	switch {
 	case err != nil:
-		m.typ = frameError
-		m.head = appendErrorBody(nil, handlerErrorBody(err))
+		eb = handlerErrorBody(err)
 	case len(result) > int(s.peer.maxMessage):
+		eb = &errorBody{code: codeTooLarge, msg: fmt.Sprintf("reply of %d bytes exceeds the client's limit of %d", len(result), s.peer.maxMessage)}
+	}
+	s.finish(sc, args, result, eb)
+}
+
+// finish sends a started call's terminal frame — the reply, or eb if not nil — and releases
+// the call.
+func (s *serverConn) finish(sc *serverCall, args, result []byte, eb *errorBody) {
+	sc.release()
+	// The slot is free as soon as the handler returns, before the terminal frame can reach
+	// the client and prompt its next call.
+	s.mu.Lock()
+	load := s.loadLocked(sc)
+	s.running--
+	s.mu.Unlock()
+
+	m := s.msgs.get()
+	m.id = sc.id
+	if eb != nil {
 		m.typ = frameError
-		m.head = appendErrorBody(nil, &errorBody{code: codeTooLarge, msg: fmt.Sprintf("reply of %d bytes exceeds the client's limit of %d", len(result), s.peer.maxMessage)})
-	default:
+		m.head = appendErrorBody(nil, eb)
+	} else {
 		m.typ = frameReply
-		m.head = appendReplyHeader(sc.rh[:0], len(result), s.load(sc))
+		m.head = appendReplyHeader(sc.rh[:0], len(result), load)
 		m.payload = result
 	}
 	if s.w.send(m) == nil {
 		s.w.wait(m)
 	}
-	putOutMsg(m)
+	m.reset()
+	m.owned = false
+	s.msgs.put(m)
 
 	s.mu.Lock()
 	if s.calls[sc.id] == sc {
@@ -680,21 +735,23 @@ func (s *serverConn) run(sc *serverCall, args []byte) {
 		s.heldBytes -= sc.held
 		s.budgetCond.Broadcast()
 	}
+	s.active--
 	s.mu.Unlock()
 	if sc.pooled {
 		putBuffer(args)
 	}
 	sc.buf = nil
-	s.releaseSlot()
+	s.checkDrained()
 }
 
-// load returns the load reported with a call's reply.
-func (s *serverConn) load(sc *serverCall) float32 {
+// loadLocked returns the load reported with a call's reply: the handler's, or the number of
+// handlers running, this one included.
+//
+// REQUIRES: s.mu is held.
+func (s *serverConn) loadLocked(sc *serverCall) float32 {
 	if v := sc.load.Load(); v&loadSetBit != 0 {
 		return math.Float32frombits(v &^ loadSetBit)
 	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
 	return float32(s.running)
 }
 
@@ -718,6 +775,12 @@ func handlerErrorBody(err error) *errorBody {
 		return &errorBody{code: codePanic, msg: "handler panicked"}
 	}
 	b := &errorBody{code: codeHandlerFailed, msg: err.Error()}
+	switch {
+	case errors.Is(err, context.DeadlineExceeded):
+		b.code = codeDeadline
+	case errors.Is(err, context.Canceled):
+		b.code = codeCanceled
+	}
 	var he *HandlerError
 	if errors.As(err, &he) {
 		b.retryAfter = he.RetryAfter
@@ -762,8 +825,8 @@ func (s *serverConn) flushAndClose(code int, reason error) {
 		if reason != nil {
 			msg = reason.Error()
 		}
-		body := append([]byte{byte(code)}, msg[:min(len(msg), maxErrorMsg)]...)
-		s.w.control(frameGoAway, last, body)
+		body := append([]byte{byte(code)}, truncateUTF8(msg, maxErrorMsg)...)
+		s.w.controlForce(frameGoAway, last, body)
 	}
 	s.conn.SetWriteDeadline(time.Now().Add(time.Second))
 	s.w.waitIdle()
@@ -791,6 +854,7 @@ func (s *serverConn) shutdown(reason error) {
 		return
 	}
 	s.closed = true
+	close(s.closedCh)
 	var running []*serverCall
 	for _, sc := range s.calls {
 		if sc.started {
@@ -820,7 +884,7 @@ func (s *serverConn) idleTick() {
 		s.mu.Unlock()
 		return
 	}
-	if s.recv.Swap(false) || len(s.calls) > 0 {
+	if s.recv.Swap(false) || s.active > 0 {
 		s.idle.Reset(s.opts.IdleTimeout)
 		s.mu.Unlock()
 		return
@@ -846,20 +910,63 @@ func (s *serverConn) drain() {
 	s.drainTimer = time.AfterFunc(s.opts.DrainTimeout, s.hardStop)
 	idle := s.running == 0
 	s.mu.Unlock()
-	s.w.control(frameGoAway, s.goAwayID, []byte{closeDrain})
+	s.w.controlForce(frameGoAway, s.goAwayID, []byte{closeDrain})
 	if idle {
 		s.requestClose(&closeRequest{code: -1, reason: errDrained, drained: true})
 	}
 }
 
-// hardStop closes the connection at once, cancelling handlers.
+// hardStop ends the connection now: handlers are cancelled, a go-away with the stopping code
+// is queued, and the reader closes the connection after at most a second of flushing.
 func (s *serverConn) hardStop() {
 	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return
+	}
 	last := s.lastID
+	var running []*serverCall
+	for _, sc := range s.calls {
+		if sc.started {
+			running = append(running, sc)
+		}
+	}
 	s.mu.Unlock()
-	body := append([]byte{closeStopping}, "server stopping"...)
-	s.w.control(frameGoAway, last, body)
-	s.shutdown(errors.New("server stopping"))
+	for _, sc := range running {
+		sc.cancel(context.Canceled, errStopping)
+	}
+	s.w.controlForce(frameGoAway, last, append([]byte{closeStopping}, errStopping.Error()...))
+	s.requestClose(&closeRequest{code: -1, reason: errStopping})
+}
+
+var errStopping = errors.New("server stopping")
+
+// A client's keepalive pings every few seconds at most; a burst of pingBurst pings, then more
+// than pingRate a second, is a flood.
+const (
+	pingBurst = 64
+	pingRate  = 10
+)
+
+// tokenBucket is a rate limiter owned by one goroutine.
+type tokenBucket struct {
+	tokens float64
+	burst  float64
+	rate   float64 // tokens per second
+	last   time.Time
+}
+
+// allow takes a token, reporting false if none is left.
+func (b *tokenBucket) allow(now time.Time) bool {
+	if !b.last.IsZero() {
+		b.tokens = min(b.burst, b.tokens+now.Sub(b.last).Seconds()*b.rate)
+	}
+	b.last = now
+	if b.tokens < 1 {
+		return false
+	}
+	b.tokens--
+	return true
 }
 
 // logLimiter lets at most one warning a second through; the rest go to debug level.

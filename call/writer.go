@@ -1,9 +1,12 @@
 package call
 
 import (
+	"crypto/tls"
 	"errors"
 	"net"
+	"os"
 	"sync"
+	"time"
 )
 
 // msgState is where a queued message is in the writer.
@@ -26,9 +29,11 @@ type outMsg struct {
 	payload []byte      // message bytes, referenced until the message is finished
 	owned   bool        // an owner waits on sig and can take the writer role
 	call    *clientCall // the client call this message belongs to, if any
-	// cancel, if not nil, is the owner's context's Done channel: once it is closed the writer
-	// sends no further frames of the message.
-	cancel <-chan struct{}
+	// cancel, if not nil, is the owner's context's Done channel, and deadline its deadline:
+	// once either passes, the writer sends no further frames of the message, and a write the
+	// owner performs for the writer role is interrupted at the deadline.
+	cancel   <-chan struct{}
+	deadline time.Time
 
 	// sig wakes the owner: the writer role was handed to it, or the message finished.
 	sig chan struct{}
@@ -42,6 +47,12 @@ type outMsg struct {
 	counted bool  // its size is in writer.partial
 	err     error // why the message could not be written, if it failed
 	endPos  int   // during a round: end offset of this message's frame in the round
+	// During a round, to undo framing if the write is interrupted before the frame starts.
+	rChunk      int  // payload bytes in the frame
+	rFrame      int  // frame bytes, header included
+	rWasStarted bool // started before this round
+	rCounted    bool // counted in writer.partial in this round
+	inRound     bool // part of the current round
 }
 
 func isClosed(c <-chan struct{}) bool {
@@ -61,7 +72,7 @@ func (m *outMsg) reset() {
 	case <-m.sig:
 	default:
 	}
-	m.head, m.payload, m.cancel = nil, nil, nil
+	m.head, m.payload, m.cancel, m.deadline = nil, nil, nil, time.Time{}
 	m.state, m.off, m.started, m.sentAll, m.sentAny, m.counted, m.err = msgIdle, 0, false, false, false, false, nil
 }
 
@@ -94,7 +105,8 @@ type writer struct {
 	// closes the connection so its reader stops too.
 	onError func(error)
 
-	wg sync.WaitGroup // goroutines started by control
+	wg    sync.WaitGroup // goroutines started by control
+	space chan struct{}  // signalled when a control frame leaves a full queue
 
 	// budget, if positive, bounds the declared sizes of requests that have been started but
 	// not finished (the server's buffered-bytes budget); a multi-frame request that would go
@@ -109,14 +121,19 @@ type writer struct {
 	idle    sync.Cond // signalled when writing becomes false
 	handoff *outMsg   // the owner the role was handed to and who has not yet taken it
 	nctl    int       // control frames queued
+	dirty   bool      // withdraw changed conn's write deadline to interrupt a write
 	err     error     // sticky: the first write error, or errWriterClosed
 
 	// Owned by the writer role.
-	flat  []byte
-	bufs  net.Buffers
-	wbufs net.Buffers // the copy of bufs that a write consumes
-	segs  []segment
-	round []*outMsg
+	pending   []byte    // the rest of a frame whose write was interrupted: written first
+	wdeadline time.Time // the write deadline set on conn, unless dirty
+	fatalTime bool      // an interrupted write breaks conn (TLS), so deadlines are not used
+	flat      []byte
+	rotated   []*outMsg
+	bufs      net.Buffers
+	wbufs     net.Buffers // the copy of bufs that a write consumes
+	segs      []segment
+	round     []*outMsg
 }
 
 // segment is a run of flat bytes ending at flatEnd, followed by ext bytes written in place.
@@ -129,7 +146,9 @@ func newWriter(conn net.Conn, peerMaxFrame, flatten int) *writer {
 	if flatten < 0 {
 		flatten = 0
 	}
-	w := &writer{conn: conn, chunk: peerMaxFrame, flatten: flatten, maxRound: 256 << 10}
+	w := &writer{conn: conn, chunk: peerMaxFrame, flatten: flatten, maxRound: 256 << 10, space: make(chan struct{}, 1)}
+	// A TLS connection is unusable after a write times out.
+	_, w.fatalTime = conn.(*tls.Conn)
 	w.idle.L = &w.mu
 	return w
 }
@@ -209,6 +228,13 @@ func (w *writer) wait(m *outMsg) {
 func (w *writer) withdraw(m *outMsg) (sentAny, sentAll bool) {
 	w.mu.Lock()
 	for m.state == msgInWrite {
+		if !w.fatalTime && !w.dirty {
+			// Interrupt the write that holds our bytes; the writer puts back what it had not
+			// begun and carries on. (An interrupted TLS write would break the connection:
+			// there we wait for the write to end.)
+			w.dirty = true
+			w.conn.SetWriteDeadline(time.Unix(1, 0))
+		}
 		w.mu.Unlock()
 		<-m.sig
 		w.mu.Lock()
@@ -233,9 +259,51 @@ func (w *writer) withdraw(m *outMsg) (sentAny, sentAll bool) {
 // writes it, so the caller (a reader) never blocks on the connection. It returns false if the
 // control queue is full or the writer is closed.
 func (w *writer) control(typ byte, id uint64, payload []byte) bool {
+	return w.queueControl(typ, id, payload, controlLimited)
+}
+
+// controlForce queues a control frame even when the control queue is full: a go-away must reach
+// the peer. It returns false if the writer is closed.
+func (w *writer) controlForce(typ byte, id uint64, payload []byte) bool {
+	return w.queueControl(typ, id, payload, controlForced)
+}
+
+// controlWait queues a control frame, waiting up to controlWaitTimeout for room in a full
+// control queue: a peer that reads its answers gets backpressure, one that does not gets false.
+func (w *writer) controlWait(typ byte, id uint64, payload []byte) bool {
+	return w.queueControl(typ, id, payload, controlWaiting)
+}
+
+const (
+	controlLimited = iota
+	controlForced
+	controlWaiting
+
+	controlWaitTimeout = time.Second
+)
+
+func (w *writer) queueControl(typ byte, id uint64, payload []byte, mode int) bool {
 	m := &outMsg{typ: typ, id: id, head: payload}
 	w.mu.Lock()
-	if w.err != nil || w.nctl >= controlQueueLimit {
+	var timer *time.Timer
+	for w.err == nil && w.nctl >= controlQueueLimit && mode != controlForced {
+		if mode != controlWaiting {
+			w.mu.Unlock()
+			return false
+		}
+		if timer == nil {
+			timer = time.NewTimer(controlWaitTimeout)
+			defer timer.Stop()
+		}
+		w.mu.Unlock()
+		select {
+		case <-w.space:
+		case <-timer.C:
+			return false
+		}
+		w.mu.Lock()
+	}
+	if w.err != nil {
 		w.mu.Unlock()
 		return false
 	}
@@ -254,6 +322,17 @@ func (w *writer) control(typ byte, id uint64, payload []byte) bool {
 		w.run(nil)
 	}()
 	return true
+}
+
+// controlDoneLocked records that a control frame left the queue.
+//
+// REQUIRES: w.mu is held.
+func (w *writer) controlDoneLocked() {
+	w.nctl--
+	select {
+	case w.space <- struct{}{}:
+	default:
+	}
 }
 
 // close fails every queued message with err and makes later sends fail. It does not close the
@@ -291,6 +370,10 @@ func (w *writer) failLocked() {
 			w.nctl++
 		}
 	}
+	select {
+	case w.space <- struct{}{}:
+	default:
+	}
 }
 
 // finishLocked marks m finished and returns its share of the partial budget.
@@ -319,9 +402,14 @@ func (w *writer) removeLocked(m *outMsg) {
 }
 
 // run writes rounds while the calling goroutine holds the writer role. own, if not nil, is the
-// caller's message; run returns once own is finished and the role has been handed off or given
-// up. With own nil, run hands off at once if any owner waits, else writes until the queue is
-// empty.
+// caller's message; run returns once own is finished and the role has been handed off or
+// given up. With own nil (a background writer), run hands off at once if any owner waits,
+// else writes until nothing is left.
+//
+// A write made for own is interrupted at own's deadline: the frames not yet begun are put back,
+// the rest of a frame cut in the middle is kept in w.pending (the stream must stay whole), and
+// once own is finished the remaining work goes to a background writer, so that the caller never
+// waits on a stalled connection past its deadline.
 func (w *writer) run(own *outMsg) {
 	for {
 		w.mu.Lock()
@@ -333,10 +421,11 @@ func (w *writer) run(own *outMsg) {
 			w.mu.Unlock()
 			return
 		}
-		if own != nil && own.state == msgQueued && own.cancel != nil && isClosed(own.cancel) {
+		if own != nil && own.state == msgQueued && own.expired() {
 			// The owner gave up on its message: stop writing it.
 			w.removeLocked(own)
 			w.finishLocked(own)
+			own.wake()
 		}
 		if own == nil || own.state == msgFinished {
 			// Our message is done: hand the role to a waiting owner, if there is one.
@@ -348,26 +437,103 @@ func (w *writer) run(own *outMsg) {
 					return
 				}
 			}
-			if len(w.queue) == 0 {
+			if len(w.queue) == 0 && len(w.pending) == 0 {
 				w.stopWritingLocked()
 				w.mu.Unlock()
 				return
 			}
+			if own != nil {
+				// Only frames without an owner are left: a background writer takes them,
+				// so the caller does not wait on the connection.
+				w.wg.Add(1)
+				w.mu.Unlock()
+				go func() {
+					defer w.wg.Done()
+					w.run(nil)
+				}()
+				return
+			}
+		}
+		var deadline time.Time
+		if own != nil && !w.fatalTime {
+			deadline = own.deadline
+		}
+		if len(w.pending) > 0 {
+			dirty := w.dirty
+			w.dirty = false
+			w.mu.Unlock()
+			if dirty {
+				w.wdeadline = time.Unix(1, 0) // unknown: set it again
+			}
+			w.setDeadline(deadline)
+			n, err := w.conn.Write(w.pending)
+			w.mu.Lock()
+			w.pending = w.pending[n:]
+			if len(w.pending) == 0 {
+				w.pending = nil
+			}
+			fatal := err != nil && !w.interruptedLocked(err, deadline)
+			first := fatal && w.err == nil
+			if first {
+				w.err = err
+				w.failLocked()
+			}
+			w.mu.Unlock()
+			if first && w.onError != nil {
+				w.onError(err)
+			}
+			continue
 		}
 		n := w.buildRoundLocked()
+		dirty := w.dirty
+		w.dirty = false
 		w.mu.Unlock()
 
+		if dirty {
+			w.wdeadline = time.Unix(1, 0) // unknown: set it again
+		}
+		w.setDeadline(deadline)
 		written, err := w.write()
 
 		w.mu.Lock()
-		first := err != nil && w.err == nil
-		w.endRoundLocked(n, written, err)
+		interrupted := err != nil && w.interruptedLocked(err, deadline)
+		first := err != nil && !interrupted && w.err == nil
+		w.endRoundLocked(n, written, err, interrupted)
 		werr := w.err
 		w.mu.Unlock()
 		if first && w.onError != nil {
 			w.onError(werr)
 		}
 	}
+}
+
+// expired reports whether m's owner has given up on it.
+func (m *outMsg) expired() bool {
+	return m.cancel != nil && isClosed(m.cancel) || !m.deadline.IsZero() && !time.Now().Before(m.deadline)
+}
+
+// setDeadline sets the connection's write deadline to d if it is not already set.
+//
+// REQUIRES: the caller holds the writer role.
+func (w *writer) setDeadline(d time.Time) {
+	if !d.Equal(w.wdeadline) {
+		w.conn.SetWriteDeadline(d)
+		w.wdeadline = d
+	}
+}
+
+func isTimeout(err error) bool { return errors.Is(err, os.ErrDeadlineExceeded) }
+
+// interruptedLocked reports whether a failed write was interrupted on purpose — by the owner's
+// deadline, which the writer set, or by withdraw — so that writing can go on. Any other
+// failure, including a deadline someone else set on the connection, is fatal.
+//
+// REQUIRES: w.mu is held.
+func (w *writer) interruptedLocked(err error, deadline time.Time) bool {
+	if !isTimeout(err) || w.fatalTime {
+		return false
+	}
+	return w.dirty || !deadline.IsZero() && !time.Now().Before(deadline)
 }
 
 // buildRoundLocked frames one chunk of each queued message, up to maxRound bytes, into w.flat
@@ -379,9 +545,13 @@ func (w *writer) buildRoundLocked() int {
 	w.segs = w.segs[:0]
 	w.round = w.round[:0]
 	total := 0
+	holdCalls := false // a request was held back: later requests wait too, so ids stay in order
 	for _, m := range w.queue {
 		if total >= w.maxRound {
 			break
+		}
+		if holdCalls && !m.started && m.typ == frameCall {
+			continue
 		}
 		typ, flags := m.typ, byte(0)
 		head := m.head
@@ -389,12 +559,15 @@ func (w *writer) buildRoundLocked() int {
 			typ, head = frameData, nil
 		}
 		isMsg := m.typ == frameCall || m.typ == frameReply
+		m.rCounted = false
 		if !m.started && m.typ == frameCall && w.budget > 0 && len(head)+len(m.payload) > w.chunk {
 			if w.partial > 0 && w.partial+len(m.payload) > w.budget {
-				continue // the server could not buffer it yet; the queue order is kept
+				holdCalls = true // the server could not buffer it yet
+				continue
 			}
 			w.partial += len(m.payload)
 			m.counted = true
+			m.rCounted = true
 		}
 		chunk := 0
 		if isMsg {
@@ -412,6 +585,10 @@ func (w *writer) buildRoundLocked() int {
 		} else {
 			w.segs = append(w.segs, segment{flatEnd: len(w.flat), ext: data})
 		}
+		m.rWasStarted = m.started
+		m.inRound = true
+		m.rChunk = chunk
+		m.rFrame = headerSize + frameLen
 		m.started = true
 		m.off += chunk
 		m.state = msgInWrite
@@ -443,33 +620,44 @@ func (w *writer) write() (int, error) {
 	w.wbufs = w.bufs // WriteTo consumes its receiver
 	n, err := w.wbufs.WriteTo(w.conn)
 	clear(w.bufs[:cap(w.bufs)])
-	for i := range w.segs {
-		w.segs[i].ext = nil
-	}
 	return int(n), err
 }
 
-// endRoundLocked records the outcome of a round: finished messages leave the queue, unfinished
-// ones move behind the messages that were not in the round, and waiting owners are woken.
-// The round's messages are exactly the queued ones in state msgInWrite: while a round is
-// written, other goroutines only append messages or remove ones not in a write.
+// endRoundLocked records the outcome of a round: finished messages leave the queue, started
+// but unfinished ones move behind the others (round robin), and waiting owners are woken.
+// Messages not yet started keep their place, so requests reach the wire in id order.
+//
+// If the write was interrupted by a deadline (and the connection survives that), frames not
+// begun are put back, and the unwritten rest of a frame cut in the middle goes to w.pending.
 //
 // REQUIRES: w.mu is held and the caller holds the writer role.
-func (w *writer) endRoundLocked(roundLen, written int, err error) {
-	if err == nil && written < roundLen {
+func (w *writer) endRoundLocked(roundLen, written int, err error, interrupted bool) {
+	if interrupted {
+		err = nil
+	} else if err == nil && written < roundLen {
 		err = errors.New("short write")
 	}
 	if err != nil && w.err == nil {
 		w.err = err
 	}
-	q := w.queue[:0]
-	for _, m := range w.queue {
-		if m.state != msgInWrite {
-			q = append(q, m)
-		}
-	}
 	for _, m := range w.round {
-		if m.endPos <= written {
+		frameStart := m.endPos - m.rFrame
+		if interrupted && frameStart >= written {
+			// Not begun: undo the framing; the message keeps its place.
+			m.off -= m.rChunk
+			m.started = m.rWasStarted
+			if m.rCounted {
+				m.counted = false
+				w.partial -= len(m.payload)
+			}
+			m.state = msgQueued
+			continue
+		}
+		if interrupted && m.endPos > written {
+			// Cut in the middle: the rest must be written before anything else.
+			w.pending = w.copyRound(w.pending, written, m.endPos)
+		}
+		if m.endPos <= written || interrupted {
 			m.sentAny = true
 		}
 		done := m.off == len(m.payload) || m.typ != frameCall && m.typ != frameReply
@@ -483,17 +671,36 @@ func (w *writer) endRoundLocked(roundLen, written int, err error) {
 			w.finishLocked(m)
 		default:
 			m.state = msgQueued
-			q = append(q, m)
 		}
 		if m.state == msgFinished && !m.owned {
-			w.nctl--
+			w.controlDoneLocked()
 		}
 		if m.owned {
 			m.wake()
 		}
 	}
+	// Rebuild the queue: drop finished messages, rotate started unfinished round members to
+	// the back, keep everything else in place.
+	q := w.queue[:0]
+	rotated := w.rotated[:0]
+	for _, m := range w.queue {
+		switch {
+		case m.state == msgFinished:
+		case m.started && m.inRound:
+			rotated = append(rotated, m)
+		default:
+			q = append(q, m)
+		}
+		m.inRound = false
+	}
+	q = append(q, rotated...)
+	clear(rotated)
+	w.rotated = rotated[:0]
 	clear(w.queue[len(q):])
 	w.queue = q
+	for i := range w.segs {
+		w.segs[i].ext = nil
+	}
 	clear(w.round)
 	w.round = w.round[:0]
 	if cap(w.flat) > 1<<20 {
@@ -502,4 +709,24 @@ func (w *writer) endRoundLocked(roundLen, written int, err error) {
 	if err != nil {
 		w.failLocked()
 	}
+}
+
+// copyRound appends bytes [from, to) of the current round to dst.
+func (w *writer) copyRound(dst []byte, from, to int) []byte {
+	pos := 0
+	take := func(b []byte) {
+		lo, hi := max(from-pos, 0), min(to-pos, len(b))
+		if lo < hi {
+			dst = append(dst, b[lo:hi]...)
+		}
+		pos += len(b)
+	}
+	prev := 0
+	for _, sg := range w.segs {
+		take(w.flat[prev:sg.flatEnd])
+		take(sg.ext)
+		prev = sg.flatEnd
+	}
+	take(w.flat[prev:])
+	return dst
 }
