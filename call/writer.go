@@ -459,13 +459,7 @@ func (w *writer) run(own *outMsg) {
 			deadline = own.deadline
 		}
 		if len(w.pending) > 0 {
-			dirty := w.dirty
-			w.dirty = false
-			w.mu.Unlock()
-			if dirty {
-				w.wdeadline = time.Unix(1, 0) // unknown: set it again
-			}
-			w.setDeadline(deadline)
+			w.beginWriteLocked(deadline)
 			n, err := w.conn.Write(w.pending)
 			w.mu.Lock()
 			w.pending = w.pending[n:]
@@ -485,14 +479,7 @@ func (w *writer) run(own *outMsg) {
 			continue
 		}
 		n := w.buildRoundLocked()
-		dirty := w.dirty
-		w.dirty = false
-		w.mu.Unlock()
-
-		if dirty {
-			w.wdeadline = time.Unix(1, 0) // unknown: set it again
-		}
-		w.setDeadline(deadline)
+		w.beginWriteLocked(deadline)
 		written, err := w.write()
 
 		w.mu.Lock()
@@ -510,6 +497,20 @@ func (w *writer) run(own *outMsg) {
 // expired reports whether m's owner has given up on it.
 func (m *outMsg) expired() bool {
 	return m.cancel != nil && isClosed(m.cancel) || !m.deadline.IsZero() && !time.Now().Before(m.deadline)
+}
+
+// beginWriteLocked unlocks w.mu and sets the connection's write deadline for the write the
+// caller is about to make.
+//
+// REQUIRES: w.mu is held and the caller holds the writer role.
+func (w *writer) beginWriteLocked(deadline time.Time) {
+	if w.dirty {
+		// withdraw moved the deadline to interrupt an earlier write: set it again.
+		w.dirty = false
+		w.wdeadline = time.Unix(1, 0)
+	}
+	w.mu.Unlock()
+	w.setDeadline(deadline)
 }
 
 // setDeadline sets the connection's write deadline to d if it is not already set.
