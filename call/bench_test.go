@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"testing"
+	"time"
 
 	"github.com/weftrpc/weft/call"
 	"github.com/weftrpc/weft/endpoint"
@@ -79,6 +80,25 @@ func BenchmarkEcho(b *testing.B) {
 				}
 			})
 		}
+	}
+}
+
+// BenchmarkEchoDeadline is BenchmarkEcho/16B with a deadline on every call, as real callers
+// have: the deadline travels with the call and bounds the caller's writes.
+func BenchmarkEchoDeadline(b *testing.B) {
+	for _, network := range []string{"tcp", "unix"} {
+		b.Run(network, func(b *testing.B) {
+			c := benchServer(b, network)
+			args := make([]byte, 16)
+			b.ReportAllocs()
+			for b.Loop() {
+				ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+				if _, err := c.Call(ctx, echoKey, args, call.CallOptions{}); err != nil {
+					b.Fatal(err)
+				}
+				cancel()
+			}
+		})
 	}
 }
 
