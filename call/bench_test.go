@@ -136,3 +136,53 @@ func sizeName(n int) string {
 		return fmt.Sprintf("%dB", n)
 	}
 }
+
+// BenchmarkIdleConnMemory reports the heap and goroutine stacks held per idle connection pair
+// (client and server side together, plaintext TCP, after one call on each).
+func BenchmarkIdleConnMemory(b *testing.B) {
+	const pairs = 200
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	var hm call.HandlerMap
+	hm.Set("bench", "Echo", func(_ context.Context, args []byte) ([]byte, error) { return args, nil })
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	served := make(chan struct{})
+	go func() {
+		defer close(served)
+		call.Serve(ctx, call.NetListener(l, &hm), call.ServerOptions{DrainTimeout: -1})
+	}()
+	defer func() { cancel(); <-served }()
+	ep := endpoint.TCP(l.Addr().String())
+	args := make([]byte, 16)
+	for b.Loop() {
+		before := memInUse()
+		conns := make([]*call.Conn, 0, pairs)
+		for range pairs {
+			c, err := call.Dial(ctx, ep, call.ClientOptions{})
+			if err != nil {
+				b.Fatal(err)
+			}
+			if _, err := c.Call(ctx, echoKey, args, call.CallOptions{}); err != nil {
+				b.Fatal(err)
+			}
+			conns = append(conns, c)
+		}
+		after := memInUse()
+		b.ReportMetric(float64(after-before)/pairs, "B/pair")
+		for _, c := range conns {
+			c.Close()
+		}
+	}
+}
+
+// memInUse returns heap and stack bytes in use after a garbage collection.
+func memInUse() int64 {
+	runtime.GC()
+	runtime.GC()
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	return int64(ms.HeapInuse + ms.StackInuse)
+}
