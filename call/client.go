@@ -584,6 +584,7 @@ func (c *Conn) finish(cc *clientCall, result []byte, err error, connDown, freeSl
 	if freeSlot {
 		<-c.slots
 	}
+	c.w.answered(&cc.msg)
 	c.callsMu.Lock()
 	if cc.abandoned {
 		c.callsMu.Unlock()

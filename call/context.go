@@ -126,8 +126,8 @@ func (sc *serverCall) Done() <-chan struct{} {
 	sc.mu.Lock()
 	defer sc.mu.Unlock()
 	if sc.done == nil {
+		sc.checkDeadlineLocked() // before done exists, so that it is closed once, below
 		sc.done = make(chan struct{})
-		sc.checkDeadlineLocked()
 		if sc.err != nil {
 			close(sc.done)
 		} else if !sc.deadline.IsZero() {

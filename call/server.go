@@ -219,8 +219,8 @@ func serveConn(ctx context.Context, conn net.Conn, hm *HandlerMap, opts *ServerO
 	s.mu.Unlock()
 }
 
-// serverHandshake reads the client's hello and answers it. It allocates nothing per
-// connection before the client has proven it speaks weft.
+// serverHandshake reads the client's hello and answers it. No connection state (buffers,
+// goroutines, call tables) exists until the client has proven it speaks weft.
 func serverHandshake(ctx context.Context, conn net.Conn, opts *ServerOptions) (hello, *Peer, error) {
 	conn.SetDeadline(time.Now().Add(opts.HandshakeTimeout))
 	stop := context.AfterFunc(ctx, func() { conn.SetDeadline(time.Unix(1, 0)) })
@@ -442,6 +442,11 @@ func (rs *readerState) onCall(h frameHeader) error {
 		sc.trace = spanContextOf(&hdr)
 	}
 	s.mu.Lock()
+	if s.closed {
+		// A frame still buffered when the connection closed: nothing would cancel it.
+		s.mu.Unlock()
+		return errConnClosing
+	}
 	if s.running >= s.lim.MaxConcurrentCalls {
 		s.mu.Unlock()
 		return s.refuse(h.id, end, codeRefused, fmt.Sprintf("over the limit of %d concurrent calls", s.lim.MaxConcurrentCalls))
@@ -513,6 +518,10 @@ func (rs *readerState) onData(h frameHeader) error {
 	endMessage(&s.upfront, sc.upfront)
 	sc.upfront = 0
 	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return errConnClosing
+	}
 	s.partialBytes -= sc.total
 	s.heldBytes += sc.total
 	sc.started = true
@@ -522,15 +531,27 @@ func (rs *readerState) onData(h frameHeader) error {
 	return rs.dispatch(sc, sc.buf, false)
 }
 
-// reserve waits until n more request bytes fit the buffered-bytes budget. Only running
-// handlers free bytes; a client whose partial requests alone exceed the budget it was told
-// violates the protocol.
+// reserve waits until n more request bytes fit the buffered-bytes budget. A conforming client
+// never makes it wait (it counts a request's bytes until the request is answered, and the
+// server frees them earlier), so the wait is bounded: a peer still over the budget after
+// budgetWaitTimeout, or whose partial requests alone exceed it, violates the protocol.
 func (s *serverConn) reserve(n int) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	var timer *time.Timer
+	timedOut := false
 	for s.partialBytes+s.heldBytes+n > s.lim.MaxBufferedBytes && !s.closed && s.closing == nil {
-		if s.heldBytes == 0 {
-			return fmt.Errorf("%w: partial requests exceed the buffered-bytes budget of %d", ErrProtocol, s.lim.MaxBufferedBytes)
+		if s.heldBytes == 0 || timedOut {
+			return fmt.Errorf("%w: requests exceed the buffered-bytes budget of %d", ErrProtocol, s.lim.MaxBufferedBytes)
+		}
+		if timer == nil {
+			timer = time.AfterFunc(budgetWaitTimeout, func() {
+				s.mu.Lock()
+				timedOut = true
+				s.budgetCond.Broadcast()
+				s.mu.Unlock()
+			})
+			defer timer.Stop()
 		}
 		s.budgetCond.Wait()
 	}
@@ -542,6 +563,9 @@ func (s *serverConn) reserve(n int) error {
 }
 
 var errConnClosing = errors.New("connection closing")
+
+// budgetWaitTimeout bounds how long the reader waits for handlers to free buffered bytes.
+const budgetWaitTimeout = time.Second
 
 // unknownMethodMessage is kept out of line so that the call header does not escape on every
 // call for the sake of this error path.

@@ -108,14 +108,16 @@ type writer struct {
 	wg    sync.WaitGroup // goroutines started by control
 	space chan struct{}  // signalled when a control frame leaves a full queue
 
-	// budget, if positive, bounds the declared sizes of requests that have been started but
-	// not finished (the server's buffered-bytes budget); a multi-frame request that would go
-	// over it waits until others finish, unless none is in progress.
+	// budget, if positive, bounds the declared sizes of multi-frame requests that have been
+	// started and not yet answered (the server's buffered-bytes budget; the server frees a
+	// request's bytes before it answers, so it never has to stop reading a conforming client);
+	// a request that would go over it waits, unless none is outstanding. The owner calls
+	// answered when a request's terminal frame arrives.
 	budget int
 
 	mu sync.Mutex
 	// guarded by mu
-	partial int       // declared bytes of started, unfinished multi-frame requests
+	partial int       // declared bytes of started, unanswered multi-frame requests
 	queue   []*outMsg // unfinished messages in round-robin order
 	writing bool      // some goroutine holds the writer role (or was handed it)
 	idle    sync.Cond // signalled when writing becomes false
@@ -376,11 +378,18 @@ func (w *writer) failLocked() {
 	}
 }
 
-// finishLocked marks m finished and returns its share of the partial budget.
+// finishLocked marks m finished. A counted request stays counted until it is answered.
 //
 // REQUIRES: w.mu is held.
 func (w *writer) finishLocked(m *outMsg) {
 	m.state = msgFinished
+}
+
+// answered returns a request's share of the budget once its terminal frame has arrived (or the
+// call is over for another reason).
+func (w *writer) answered(m *outMsg) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
 	if m.counted {
 		m.counted = false
 		w.partial -= len(m.payload)
