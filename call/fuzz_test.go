@@ -14,21 +14,21 @@ package call
 //	go test -race -count=1 -run 'Fuzz' ./call/
 //
 // Besides inputs that widen coverage, the corpora keep the inputs that found bugs, named for
-// them; each fails while its bug is present:
+// them, as regression tests:
 //
 //   - FuzzErrorBody/utf8-message-cut-inside-a-rune: appendErrorBody cut a message over 1024
-//     bytes inside a UTF-8 sequence (fixed in ad76326).
+//     bytes inside a UTF-8 sequence.
 //   - FuzzServerProgram/slot-freed-after-terminal: the server freed a call's concurrency slot
 //     only after writing its terminal frame, so a client that sent its next call on receiving
-//     it was refused ("over the limit of 4 concurrent calls") (fixed in ad76326).
+//     it was refused.
 //   - FuzzServerProgram/done-after-deadline-double-close: a handler's first ctx.Done() after its
-//     deadline passed closes the Done channel twice (a panic, reported as "handler panicked").
-//   - FuzzServerProgram/call-after-shutdown-never-cancelled: a call read from the buffer after
-//     a failed write has shut the connection down is started with a context nothing cancels,
-//     so ServeOn never returns (timing-dependent: it fails most runs, not all).
-//   - FuzzServerProgram/budget-wait-deadlock: a reader waiting for buffered-bytes budget held
-//     by handlers that wait for cancellation cannot read the CANCEL, nor see the connection
-//     close: the server stops reading for good and ServeOn never returns.
+//     deadline passed closed the Done channel twice.
+//   - FuzzServerProgram/call-after-shutdown-never-cancelled: a call read from the buffer after a
+//     failed write had shut the connection down was started with a context nothing cancelled,
+//     so ServeOn never returned (timing-dependent).
+//   - FuzzServerProgram/budget-wait-deadlock: the reader waited without bound for buffered-bytes
+//     budget held by handlers that waited for a cancel it could then never read. Clients now
+//     count a request until it is answered, and the server's wait is bounded.
 
 import (
 	"bytes"
