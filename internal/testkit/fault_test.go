@@ -119,8 +119,15 @@ func TestFaultConnImmediateAndNever(t *testing.T) {
 		return err
 	})
 	msg := bytes.Repeat([]byte("z"), 1000)
-	go nf.Write(msg)
+	wrote := goErr(func() error {
+		_, err := nf.Write(msg)
+		return err
+	})
 	if _, err := io.ReadFull(nf, make([]byte, len(msg))); err != nil {
+		t.Fatal(err)
+	}
+	// The write's byte count is recorded when Write returns, which may be after the echo.
+	if err := <-wrote; err != nil {
 		t.Fatal(err)
 	}
 	if nf.BytesRead() != 1000 || nf.BytesWritten() != 1000 || nf.Triggered() {
