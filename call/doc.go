@@ -40,6 +40,6 @@ package call
 // the reader; a timer hands reading to a new goroutine if the handler runs longer than
 // ServerOptions.InlineHandlerDuration. Replies use the same writer design. The reader never
 // blocks on a write for control frames: PONGs and refusals go through a bounded control
-// queue written by whoever is writing (or a short-lived goroutine), and a peer that lets that
-// queue fill is disconnected. Every server connection's goroutines are joined by ServeOn
-// before it returns.
+// queue written by whoever is writing (or a short-lived goroutine); the reader waits for room
+// when it is full, and a peer that leaves it full for a second is disconnected. Every server
+// connection's goroutines are joined by ServeOn before it returns.
