@@ -334,7 +334,7 @@ func (c *Conn) Close() {
 // fail closes the connection for reason; the first reason wins.
 func (c *Conn) fail(reason error) {
 	c.mu.Lock()
-	if c.isClosedLocked() {
+	if isClosed(c.closed) {
 		c.mu.Unlock()
 		return
 	}
@@ -351,18 +351,6 @@ func (c *Conn) fail(reason error) {
 	c.w.close(errWriterClosed)
 	c.conn.Close()
 	c.failAll()
-}
-
-// isClosedLocked reports whether closed has been closed.
-//
-// REQUIRES: c.mu is held.
-func (c *Conn) isClosedLocked() bool {
-	select {
-	case <-c.closed:
-		return true
-	default:
-		return false
-	}
 }
 
 // failAll completes every registered call with the connection's failure.

@@ -3,7 +3,6 @@ package call
 import (
 	"context"
 	"crypto/tls"
-	"errors"
 	"math"
 	"net"
 	"sync"
@@ -106,7 +105,6 @@ type serverCall struct {
 	// guarded by mu
 	done       chan struct{}
 	err        error
-	cause      error
 	timer      *time.Timer
 	afterFuncs []*afterFunc
 }
@@ -132,7 +130,7 @@ func (sc *serverCall) Done() <-chan struct{} {
 			close(sc.done)
 		} else if !sc.deadline.IsZero() {
 			sc.timer = time.AfterFunc(time.Until(sc.deadline), func() {
-				sc.cancel(context.DeadlineExceeded, nil)
+				sc.cancel(context.DeadlineExceeded)
 			})
 		}
 	}
@@ -153,7 +151,7 @@ func (sc *serverCall) Err() error {
 // REQUIRES: sc.mu is held.
 func (sc *serverCall) checkDeadlineLocked() {
 	if sc.err == nil && !sc.deadline.IsZero() && !time.Now().Before(sc.deadline) {
-		sc.cancelLocked(context.DeadlineExceeded, nil)
+		sc.cancelLocked(context.DeadlineExceeded)
 	}
 }
 
@@ -177,7 +175,7 @@ func (sc *serverCall) AfterFunc(f func()) (stop func() bool) {
 	}
 	if sc.done == nil && !sc.deadline.IsZero() && sc.timer == nil {
 		sc.timer = time.AfterFunc(time.Until(sc.deadline), func() {
-			sc.cancel(context.DeadlineExceeded, nil)
+			sc.cancel(context.DeadlineExceeded)
 		})
 	}
 	af := &afterFunc{f: f}
@@ -193,22 +191,22 @@ func (sc *serverCall) AfterFunc(f func()) (stop func() bool) {
 	}
 }
 
-// Cause returns the reason the context was cancelled, for context.Cause.
-func (sc *serverCall) cancel(err, cause error) {
+// cancel cancels the handler's context with err (context.Canceled or
+// context.DeadlineExceeded).
+func (sc *serverCall) cancel(err error) {
 	sc.mu.Lock()
 	defer sc.mu.Unlock()
-	sc.cancelLocked(err, cause)
+	sc.cancelLocked(err)
 }
 
 // cancelLocked cancels the handler's context with err.
 //
 // REQUIRES: sc.mu is held.
-func (sc *serverCall) cancelLocked(err, cause error) {
+func (sc *serverCall) cancelLocked(err error) {
 	if sc.err != nil {
 		return
 	}
 	sc.err = err
-	sc.cause = cause
 	if sc.done != nil {
 		close(sc.done)
 	}
@@ -229,10 +227,8 @@ func (sc *serverCall) cancelLocked(err, cause error) {
 func (sc *serverCall) release() {
 	sc.mu.Lock()
 	defer sc.mu.Unlock()
-	sc.cancelLocked(context.Canceled, errHandlerReturned)
+	sc.cancelLocked(context.Canceled)
 }
-
-var errHandlerReturned = errors.New("call: handler returned")
 
 // spanContextOf builds the caller's remote span context from a call header. A tracestate that
 // does not parse is dropped; the trace and span ids still propagate.

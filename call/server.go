@@ -636,12 +636,10 @@ func (s *serverConn) onCancel(id uint64) error {
 		return nil
 	default:
 		s.mu.Unlock()
-		sc.cancel(context.Canceled, errCanceledByCaller)
+		sc.cancel(context.Canceled)
 		return nil
 	}
 }
-
-var errCanceledByCaller = errors.New("call: cancelled by the caller")
 
 // checkDrained closes a draining connection once no call holds a slot and every terminal frame
 // is written or queued.
@@ -895,10 +893,10 @@ func (s *serverConn) shutdown(reason error) {
 	s.mu.Unlock()
 	s.w.close(errWriterClosed)
 	s.conn.Close()
-	cause := fmt.Errorf("call: connection closed: %w", reason)
 	for _, sc := range running {
-		sc.cancel(context.Canceled, cause)
+		sc.cancel(context.Canceled)
 	}
+	s.opts.Logger.Debug("weft: connection closed", slog.String("peer", s.addr), slog.Any("reason", reason))
 }
 
 // idleTick runs on the idle timer.
@@ -957,7 +955,7 @@ func (s *serverConn) hardStop() {
 	}
 	s.mu.Unlock()
 	for _, sc := range running {
-		sc.cancel(context.Canceled, errStopping)
+		sc.cancel(context.Canceled)
 	}
 	s.w.controlForce(frameGoAway, last, append([]byte{closeStopping}, errStopping.Error()...))
 	s.requestClose(&closeRequest{code: -1, reason: errStopping})
