@@ -645,6 +645,9 @@ func (c *Conn) read() error {
 				return err
 			}
 			if cc := c.take(h.id); cc != nil {
+				// The error may end a partly received reply: give back its reservation.
+				endMessage(&c.upfront, cc.upfront)
+				cc.upfront = 0
 				c.finish(cc, nil, errorFromWire(body), false, true)
 			}
 		case framePing:

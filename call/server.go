@@ -645,11 +645,23 @@ func (s *serverConn) onCancel(id uint64) error {
 // is written or queued.
 func (s *serverConn) checkDrained() {
 	s.mu.Lock()
-	done := s.draining && s.running == 0 && s.active == 0
+	done := s.drainedLocked()
 	s.mu.Unlock()
 	if done {
-		s.requestClose(&closeRequest{code: -1, reason: errDrained, drained: true})
+		s.closeDrained()
 	}
+}
+
+// drainedLocked reports whether a draining connection has nothing left to answer.
+//
+// REQUIRES: s.mu is held.
+func (s *serverConn) drainedLocked() bool {
+	return s.draining && s.running == 0 && s.active == 0
+}
+
+// closeDrained asks the reader to close a drained connection.
+func (s *serverConn) closeDrained() {
+	s.requestClose(&closeRequest{code: -1, reason: errDrained, drained: true})
 }
 
 var errDrained = errors.New("drained")
@@ -758,12 +770,15 @@ func (s *serverConn) finish(sc *serverCall, args, result []byte, eb *errorBody) 
 		s.budgetCond.Broadcast()
 	}
 	s.active--
+	drained := s.drainedLocked()
 	s.mu.Unlock()
 	if sc.pooled {
 		putBuffer(args)
 	}
 	sc.buf = nil
-	s.checkDrained()
+	if drained {
+		s.closeDrained()
+	}
 }
 
 // loadLocked returns the load reported with a call's reply: the handler's, or the number of
@@ -877,12 +892,7 @@ func (s *serverConn) shutdown(reason error) {
 	}
 	s.closed = true
 	close(s.closedCh)
-	var running []*serverCall
-	for _, sc := range s.calls {
-		if sc.started {
-			running = append(running, sc)
-		}
-	}
+	running := s.startedCallsLocked()
 	s.budgetCond.Broadcast()
 	if s.idle != nil {
 		s.idle.Stop()
@@ -897,6 +907,19 @@ func (s *serverConn) shutdown(reason error) {
 		sc.cancel(context.Canceled)
 	}
 	s.opts.Logger.Debug("weft: connection closed", slog.String("peer", s.addr), slog.Any("reason", reason))
+}
+
+// startedCallsLocked returns the calls whose handlers have started, to cancel them.
+//
+// REQUIRES: s.mu is held.
+func (s *serverConn) startedCallsLocked() []*serverCall {
+	var started []*serverCall
+	for _, sc := range s.calls {
+		if sc.started {
+			started = append(started, sc)
+		}
+	}
+	return started
 }
 
 // idleTick runs on the idle timer.
@@ -934,7 +957,7 @@ func (s *serverConn) drain() {
 	s.mu.Unlock()
 	s.w.controlForce(frameGoAway, s.goAwayID, []byte{closeDrain})
 	if idle {
-		s.requestClose(&closeRequest{code: -1, reason: errDrained, drained: true})
+		s.closeDrained()
 	}
 }
 
@@ -947,12 +970,7 @@ func (s *serverConn) hardStop() {
 		return
 	}
 	last := s.lastID
-	var running []*serverCall
-	for _, sc := range s.calls {
-		if sc.started {
-			running = append(running, sc)
-		}
-	}
+	running := s.startedCallsLocked()
 	s.mu.Unlock()
 	for _, sc := range running {
 		sc.cancel(context.Canceled)
