@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"net"
 	"sync"
 	"sync/atomic"
@@ -37,8 +38,11 @@ type Conn struct {
 	recv    atomic.Bool       // a frame arrived since the last keepalive tick
 	rh      [replyHdrLen]byte // reply header scratch, owned by the reader
 	free    freeList[clientCall]
-	upfront int         // declared bytes of replies allocated in full; owned by the reader
-	ka      *time.Timer // keepalive; nil if disabled
+	upfront int           // declared bytes of replies allocated in full; owned by the reader
+	ka      *time.Timer   // keepalive; nil if disabled
+	active  atomic.Int32  // callers inside Call
+	idle    atomic.Bool   // draining: close once active drops to zero
+	load    atomic.Uint32 // float32 bits of the load the server last reported
 
 	callsMu sync.Mutex
 	// guarded by callsMu
@@ -48,11 +52,14 @@ type Conn struct {
 
 	mu sync.Mutex
 	// guarded by mu
-	closeErr     error  // why the connection closed (or the server's go-away reason); nil while open
-	draining     bool   // no new calls: go-away received, ids ran out, or closed
-	goAway       bool   // the server sent a go-away
-	lastAccepted uint64 // from the server's go-away
-	kaPinged     bool   // a keepalive ping is outstanding
+	closeErr     error         // why the connection closed (or the server's go-away reason); nil while open
+	draining     bool          // no new calls: go-away received, ids ran out, drained, or closed
+	drainc       chan struct{} // closed when draining starts; replaced by undrain
+	localDrain   bool          // draining only because drain was called
+	goAway       bool          // the server sent a go-away
+	idsOut       bool          // request ids ran out
+	lastAccepted uint64        // from the server's go-away
+	kaPinged     bool          // a keepalive ping is outstanding
 }
 
 var _ Connection = (*Conn)(nil)
@@ -168,6 +175,7 @@ func newConn(ctx context.Context, nc net.Conn, addr string, opts ClientOptions) 
 		br:     br,
 		slots:  make(chan struct{}, max(peer.maxConcurrent, 1)),
 		closed: make(chan struct{}),
+		drainc: make(chan struct{}),
 		calls:  map[uint64]*clientCall{},
 		nextID: 1,
 	}
@@ -322,6 +330,87 @@ func (c *Conn) Draining() bool {
 // InFlight returns the number of calls that occupy a server slot on this connection.
 func (c *Conn) InFlight() int { return len(c.slots) }
 
+// Load returns the load the server reported with its latest reply, or 0 if it has reported
+// none; see [SetLoad].
+func (c *Conn) Load() float64 { return float64(math.Float32frombits(c.load.Load())) }
+
+// setDrainingLocked stops new calls.
+//
+// REQUIRES: c.mu is held.
+func (c *Conn) setDrainingLocked() {
+	if !c.draining {
+		c.draining = true
+		close(c.drainc)
+	}
+}
+
+// drain stops new calls and closes the connection once every caller inside Call has returned.
+// A go-away from the server does the same.
+func (c *Conn) drain() {
+	c.mu.Lock()
+	if !c.draining {
+		c.localDrain = true
+	}
+	c.setDrainingLocked()
+	c.idle.Store(true)
+	c.mu.Unlock()
+	if c.active.Load() == 0 {
+		c.closeIfIdle()
+	}
+}
+
+// undrain reverses drain if the connection is still open and nothing else (a go-away, running
+// out of request ids) stops new calls. It reports whether the connection takes calls again.
+func (c *Conn) undrain() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if !c.localDrain || c.goAway || c.idsOut || c.closeErr != nil || isClosed(c.closed) {
+		return false
+	}
+	c.localDrain, c.draining = false, false
+	c.idle.Store(false)
+	c.drainc = make(chan struct{})
+	return true
+}
+
+// drainChan returns a channel that is closed when the connection stops taking new calls.
+func (c *Conn) drainChan() <-chan struct{} {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.drainc
+}
+
+// leave is deferred by every Call that counted itself in active.
+func (c *Conn) leave() {
+	if c.active.Add(-1) == 0 && c.idle.Load() {
+		c.closeIfIdle()
+	}
+}
+
+// closeIfIdle closes a draining connection that no caller is using.
+func (c *Conn) closeIfIdle() {
+	c.mu.Lock()
+	if !c.idle.Load() || c.active.Load() != 0 || c.closeErr != nil && isClosed(c.closed) {
+		c.mu.Unlock()
+		return
+	}
+	if c.closeErr == nil {
+		c.closeErr = errConnDrained // decided under mu, so undrain cannot revive it
+	}
+	c.mu.Unlock()
+	c.fail(errConnDrained)
+}
+
+var errConnDrained = fmt.Errorf("%w: connection drained", ErrClosed)
+
+// admit reports whether the connection takes new calls and returns the channel that is closed
+// when it stops.
+func (c *Conn) admit() (<-chan struct{}, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.drainc, !c.draining && c.closeErr == nil
+}
+
 // Close closes the connection: calls in progress fail with ErrCommunication (or
 // ErrUnreachable if their request was not sent in full), and later calls fail at once. Close
 // waits for the connection's goroutines to exit. It can be called more than once.
@@ -341,7 +430,7 @@ func (c *Conn) fail(reason error) {
 	if c.closeErr == nil {
 		c.closeErr = reason
 	}
-	c.draining = true
+	c.setDrainingLocked()
 	close(c.closed)
 	ka := c.ka
 	c.mu.Unlock()
@@ -402,7 +491,10 @@ func (c *Conn) Call(ctx context.Context, key MethodKey, args []byte, opts CallOp
 	if len(args) > int(c.peer.maxMessage) {
 		return nil, newError(ErrMessageTooLarge, true, fmt.Sprintf("request of %d bytes exceeds the server's limit of %d", len(args), c.peer.maxMessage), nil)
 	}
-	if c.Draining() {
+	c.active.Add(1)
+	defer c.leave()
+	drainc, ok := c.admit()
+	if !ok {
 		return nil, newError(ErrUnreachable, true, "connection to "+c.addr+" is closed or draining", c.Err())
 	}
 
@@ -414,8 +506,8 @@ func (c *Conn) Call(ctx context.Context, key MethodKey, args []byte, opts CallOp
 		case c.slots <- struct{}{}:
 		case <-ctx.Done():
 			return nil, ctxError(ctx, true)
-		case <-c.closed:
-			return nil, newError(ErrUnreachable, true, "connection to "+c.addr+" closed", c.Err())
+		case <-drainc:
+			return nil, newError(ErrUnreachable, true, "connection to "+c.addr+" is closed or draining", c.Err())
 		}
 	}
 
@@ -443,7 +535,9 @@ func (c *Conn) Call(ctx context.Context, key MethodKey, args []byte, opts CallOp
 		c.putCall(cc)
 		if err == errIDsExhausted {
 			c.mu.Lock()
-			c.draining = true
+			c.idsOut = true
+			c.setDrainingLocked()
+			c.idle.Store(true)
 			c.mu.Unlock()
 		} else {
 			err = c.Err()
@@ -689,6 +783,7 @@ func (c *Conn) onReply(h frameHeader) error {
 		return readError(err)
 	}
 	hdr, _, _ := parseReplyHeader(rh)
+	c.load.Store(math.Float32bits(hdr.load))
 	n -= replyHdrLen
 	total := int(hdr.total)
 	end := h.flags&flagEnd != 0
@@ -785,10 +880,14 @@ func (c *Conn) onGoAway(lastID uint64, body []byte) error {
 	if c.closeErr == nil {
 		c.closeErr = reason
 	}
-	c.draining = true
+	c.setDrainingLocked()
 	c.goAway = true
 	c.lastAccepted = lastID
+	c.idle.Store(true) // closed once the calls it accepted are answered
 	c.mu.Unlock()
+	if c.active.Load() == 0 {
+		defer c.closeIfIdle()
+	}
 
 	// Fail the calls the server will not run.
 	c.callsMu.Lock()

@@ -5,6 +5,7 @@ import (
 	"log/slog"
 	"time"
 
+	"github.com/weftrpc/weft/balance"
 	"go.opentelemetry.io/otel/trace"
 )
 
@@ -152,8 +153,18 @@ func (o ServerOptions) withDefaults() ServerOptions {
 	return o
 }
 
-// ClientOptions configure a client connection. The zero value is ready to use.
+// ClientOptions configure a client: a [Connection] from [Connect], or a single [Conn]. The zero
+// value is ready to use.
 type ClientOptions struct {
+	// Balancer picks the endpoint each call of a Connection goes to, unless the call names its
+	// own in CallOptions. If nil, [balance.RoundRobin]. Ignored by a single Conn.
+	Balancer balance.Balancer
+
+	// Backoff paces a Connection's reconnection to an endpoint that failed and its retries of a
+	// failed resolver. The zero value means 1s × 1.6 per failure, ±20 % jitter, at most 2
+	// minutes, with an immediate first retry.
+	Backoff Backoff
+
 	// Logger receives the client's logs. If nil, [slog.Default].
 	Logger *slog.Logger
 
@@ -199,6 +210,10 @@ func (o ClientOptions) withDefaults() ClientOptions {
 	if o.KeepaliveTimeout <= 0 {
 		o.KeepaliveTimeout = defaultKeepaliveTimeout
 	}
+	if o.Balancer == nil {
+		o.Balancer = balance.RoundRobin()
+	}
+	o.Backoff = o.Backoff.withDefaults()
 	return o
 }
 
@@ -208,6 +223,23 @@ type CallOptions struct {
 	// was built. A server whose handler was registered with a different non-zero signature
 	// refuses the call with [ErrSignatureMismatch].
 	Signature uint64
+
+	// ShardKey routes the call to the endpoint that owns the key, for balancers that shard
+	// (such as [balance.Sharded]). It is used only when Sharded is true, so 0 is a key like any
+	// other.
+	ShardKey uint64
+
+	// Sharded reports whether ShardKey is set.
+	Sharded bool
+
+	// Balancer, if not nil, picks the endpoint for this call instead of
+	// ClientOptions.Balancer.
+	Balancer balance.Balancer
+
+	// WaitForReady makes a call of a Connection wait (until its context is done) for an
+	// endpoint to become ready, instead of failing at once with [ErrUnreachable] when every
+	// endpoint has failed or the resolver has none.
+	WaitForReady bool
 }
 
 func (l Limits) String() string {

@@ -2,9 +2,11 @@ package testkit
 
 import (
 	"crypto/tls"
+	"fmt"
 	"net"
 	"os"
 	"path/filepath"
+	"sync/atomic"
 	"testing"
 
 	"github.com/weftrpc/weft/endpoint"
@@ -43,9 +45,12 @@ func Transports() []Transport {
 	}
 }
 
+// pipeSeq makes the names of pipe listeners unique, so one test can listen more than once.
+var pipeSeq atomic.Uint64
+
 func listenPipe(t testing.TB) (net.Listener, endpoint.Endpoint) {
 	t.Helper()
-	l := NewPipeListener(t.Name())
+	l := NewPipeListener(fmt.Sprintf("%s#%d", t.Name(), pipeSeq.Add(1)))
 	t.Cleanup(func() { l.Close() })
 	return l, l
 }
