@@ -495,7 +495,7 @@ func (c *Conn) Call(ctx context.Context, key MethodKey, args []byte, opts CallOp
 	defer c.leave()
 	drainc, ok := c.admit()
 	if !ok {
-		return nil, newError(ErrUnreachable, true, "connection to "+c.addr+" is closed or draining", c.Err())
+		return nil, unsentError(ErrUnreachable, "connection to "+c.addr+" is closed or draining", c.Err())
 	}
 
 	// Wait for a slot on the server.
@@ -507,7 +507,7 @@ func (c *Conn) Call(ctx context.Context, key MethodKey, args []byte, opts CallOp
 		case <-ctx.Done():
 			return nil, ctxError(ctx, true)
 		case <-drainc:
-			return nil, newError(ErrUnreachable, true, "connection to "+c.addr+" is closed or draining", c.Err())
+			return nil, unsentError(ErrUnreachable, "connection to "+c.addr+" is closed or draining", c.Err())
 		}
 	}
 
@@ -542,7 +542,7 @@ func (c *Conn) Call(ctx context.Context, key MethodKey, args []byte, opts CallOp
 		} else {
 			err = c.Err()
 		}
-		return nil, newError(ErrUnreachable, true, "connection to "+c.addr, err)
+		return nil, unsentError(ErrUnreachable, "connection to "+c.addr, err)
 	}
 
 	for {
@@ -623,9 +623,9 @@ func (c *Conn) downError(id uint64, sentAll bool) error {
 	c.mu.Unlock()
 	switch {
 	case goAway && id > lastAccepted:
-		return newError(ErrRefused, true, fmt.Sprintf("server %s is draining (go-away after request %d)", c.addr, lastAccepted), reason)
+		return unsentError(ErrRefused, fmt.Sprintf("server %s is draining (go-away after request %d)", c.addr, lastAccepted), reason)
 	case !sentAll:
-		return newError(ErrUnreachable, true, "connection to "+c.addr+" failed before the request was sent", reason)
+		return unsentError(ErrUnreachable, "connection to "+c.addr+" failed before the request was sent", reason)
 	default:
 		return newError(ErrCommunication, false, "connection to "+c.addr+" failed", reason)
 	}

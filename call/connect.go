@@ -29,9 +29,10 @@ import (
 // endpoints are still connecting and none is ready, calls wait, up to their deadline. When
 // every endpoint has failed, or the resolver has none, calls fail at once with [ErrUnreachable]
 // ([ErrAuthentication] if every endpoint failed its TLS handshake), unless
-// CallOptions.WaitForReady is set. A call that could not be sent on its connection because
-// that connection was draining or broke before the request left goes to another member; the
-// server never saw it.
+// CallOptions.WaitForReady is set. A call that its server never took in (its connection was
+// draining or closed, broke before the request left, or the server's go-away refused it) is
+// sent again, to the member the balancer picks next, up to 3 times; any other failure is
+// returned to the caller.
 //
 // The returned Connection also implements [Inspectable].
 func Connect(ctx context.Context, resolver resolve.Resolver, opts ClientOptions) (Connection, error) {
@@ -219,11 +220,12 @@ func (c *client) Call(ctx context.Context, key MethodKey, args []byte, opts Call
 			continue
 		}
 		result, err := conn.Call(ctx, key, args, opts)
-		if err == nil || resends >= maxResends || !errors.Is(err, ErrUnreachable) || ctx.Err() != nil {
+		if err == nil || resends >= maxResends || !isUnsent(err) || ctx.Err() != nil {
 			return result, err
 		}
-		// The connection was draining or broke before the request left: the server never saw
-		// the call. Its member publishes a new state at once; pick again from that.
+		// The server never took the call in: the connection was draining or closed, broke
+		// before the request left, or the server refused it with a go-away. The member
+		// publishes its new state at once; pick again from that.
 		resends++
 		if c.snap.Load() == s {
 			if err := wait(ctx, s); err != nil {

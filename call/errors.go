@@ -63,6 +63,11 @@ type callError struct {
 	retryAfter time.Duration // server-requested delay before a retry, 0 if none
 	msg        string        // detail, without the category's text
 	cause      error         // underlying error, may be nil
+
+	// unsent means that the server never took the call in: its connection was draining or
+	// closed, broke before the request left, or refused it with a go-away. A Connection sends
+	// such a call to another member.
+	unsent bool
 }
 
 func (e *callError) Error() string {
@@ -101,6 +106,17 @@ func RetryAfter(err error) (time.Duration, bool) {
 
 func newError(category error, neverRan bool, msg string, cause error) error {
 	return &callError{category: category, neverRan: neverRan, msg: msg, cause: cause}
+}
+
+// unsentError returns an error for a call the server never took in; see callError.unsent.
+func unsentError(category error, msg string, cause error) error {
+	return &callError{category: category, neverRan: true, msg: msg, cause: cause, unsent: true}
+}
+
+// isUnsent reports whether err is an unsent error of a call.
+func isUnsent(err error) bool {
+	ce, ok := err.(*callError)
+	return ok && ce.unsent
 }
 
 // ctxError converts a context error into a call error.

@@ -1,7 +1,9 @@
-// Command hello starts three weft servers — on TCP, on a Unix socket, and on TCP with mutual
-// TLS — and calls each over its own connection, printing what happened. It exercises the real
-// protocol end to end: concurrent calls multiplexed on one connection, metadata, deadlines, the
-// verified peer identity, a large chunked message, and typed errors.
+// Command hello runs three replicas of a "greeter" server — one on TCP, one on a Unix socket,
+// one on TCP with mutual TLS — and calls them through one weft Connection that balances calls
+// round-robin over the three, printing what happened. It exercises the real protocol end to
+// end: calls multiplexed on each connection and spread over the replicas, metadata, deadlines,
+// the verified peer identity, a large chunked message, typed errors, shard keys, a replica
+// that drains while calls are in flight, and a replica added while the client runs.
 //
 //	go run ./examples/hello
 package main
@@ -19,16 +21,20 @@ import (
 	"fmt"
 	"log"
 	"log/slog"
+	"maps"
 	"math/big"
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"time"
 
+	"github.com/weftrpc/weft/balance"
 	"github.com/weftrpc/weft/call"
 	"github.com/weftrpc/weft/endpoint"
+	"github.com/weftrpc/weft/resolve"
 )
 
 // The "greeter" component's methods.
@@ -39,25 +45,24 @@ var (
 	whoKey   = call.MakeMethodKey("greeter", "WhoAmI")
 )
 
-func handlers(server string) *call.HandlerMap {
+func handlers(replica string) *call.HandlerMap {
 	var hm call.HandlerMap
 	hm.Set("greeter", "Greet", func(ctx context.Context, args []byte) ([]byte, error) {
-		lang := call.IncomingMetadata(ctx)["lang"]
 		greeting := "Hello"
-		if lang == "fr" {
+		if call.IncomingMetadata(ctx)["lang"] == "fr" {
 			greeting = "Bonjour"
 		}
-		return fmt.Appendf(nil, "%s, %s! (from the %s server)", greeting, args, server), nil
+		return fmt.Appendf(nil, "%s, %s! (from %s)", greeting, args, replica), nil
 	})
 	hm.Set("greeter", "Echo", func(ctx context.Context, args []byte) ([]byte, error) {
 		return bytes.Clone(args), nil
 	})
 	hm.Set("greeter", "Slow", func(ctx context.Context, args []byte) ([]byte, error) {
-		t := time.NewTimer(time.Second)
+		t := time.NewTimer(300 * time.Millisecond)
 		defer t.Stop()
 		select {
 		case <-t.C:
-			return []byte("done"), nil
+			return []byte(replica), nil
 		case <-ctx.Done():
 			return nil, ctx.Err()
 		}
@@ -65,16 +70,31 @@ func handlers(server string) *call.HandlerMap {
 	hm.Set("greeter", "WhoAmI", func(ctx context.Context, args []byte) ([]byte, error) {
 		p, _ := call.PeerFromContext(ctx)
 		if p.TLS == nil || len(p.TLS.VerifiedChains) == 0 {
-			return []byte("an unauthenticated peer at " + p.Addr.String()), nil
+			return fmt.Appendf(nil, "%s sees an unauthenticated peer on %s", replica, p.Addr.Network()), nil
 		}
-		return []byte("verified client " + p.TLS.VerifiedChains[0][0].Subject.CommonName), nil
+		return fmt.Appendf(nil, "%s sees verified client %q", replica, p.TLS.VerifiedChains[0][0].Subject.CommonName), nil
 	})
 	return &hm
 }
 
-type server struct {
+// replica is one running greeter server.
+type replica struct {
 	name string
 	ep   endpoint.Endpoint
+	stop context.CancelFunc // drains the server
+	done chan struct{}      // closed when Serve has returned
+}
+
+// start serves the greeter on l until stop is called.
+func start(name string, l net.Listener, ep endpoint.Endpoint, logger *slog.Logger) *replica {
+	ctx, stop := context.WithCancel(context.Background())
+	r := &replica{name: name, ep: ep, stop: stop, done: make(chan struct{})}
+	go func() {
+		defer close(r.done)
+		err := call.Serve(ctx, call.NetListener(l, handlers(name)), call.ServerOptions{Logger: logger, DrainTimeout: 5 * time.Second})
+		fmt.Printf("[%s] server stopped: %v\n", name, err)
+	}()
+	return r
 }
 
 func main() {
@@ -84,9 +104,9 @@ func main() {
 }
 
 func run() error {
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelError}))
 
 	dir, err := os.MkdirTemp("", "weft-hello")
 	if err != nil {
@@ -98,7 +118,7 @@ func run() error {
 		return err
 	}
 
-	// Three listeners, three servers.
+	// Three replicas of the greeter: TCP, Unix socket, and TCP with mutual TLS.
 	tcpL, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		return err
@@ -108,108 +128,202 @@ func run() error {
 	if err != nil {
 		return err
 	}
-	mtlsRaw, err := net.Listen("tcp", "127.0.0.1:0")
+	mtlsL, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		return err
 	}
-	servers := []server{
-		{"tcp", endpoint.TCP(tcpL.Addr().String())},
-		{"unix", endpoint.Unix(sock)},
-		{"mtls", endpoint.MTLS(clientTLS, endpoint.TCP(mtlsRaw.Addr().String()))},
+	replicas := []*replica{
+		start("replica-1/tcp", tcpL, endpoint.TCP(tcpL.Addr().String()), logger),
+		start("replica-2/unix", unixL, endpoint.Unix(sock), logger),
+		start("replica-3/mtls", tls.NewListener(mtlsL, serverTLS), endpoint.MTLS(clientTLS, endpoint.TCP(mtlsL.Addr().String())), logger),
 	}
-	serveCtx, stopServing := context.WithCancel(context.Background())
-	var wg sync.WaitGroup
-	for i, l := range []net.Listener{tcpL, unixL, tls.NewListener(mtlsRaw, serverTLS)} {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			err := call.Serve(serveCtx, call.NetListener(l, handlers(servers[i].name)), call.ServerOptions{Logger: logger})
-			fmt.Printf("[%s] server stopped: %v\n", servers[i].name, err)
-		}()
-	}
-
-	for _, s := range servers {
-		if err := exercise(ctx, s, logger); err != nil {
-			stopServing()
-			wg.Wait()
-			return fmt.Errorf("%s: %w", s.name, err)
+	defer func() {
+		for _, r := range replicas {
+			r.stop()
+			<-r.done
 		}
-	}
+	}()
 
-	// Cancelling the servers' context drains them: go-away, in-flight calls finish, close.
-	stopServing()
-	wg.Wait()
-	return nil
+	// One Connection to all of them. A Manual resolver lets us change the set as we go.
+	var eps []endpoint.Endpoint
+	for _, r := range replicas {
+		eps = append(eps, r.ep)
+		fmt.Printf("[client] endpoint %s\n", r.ep.Address())
+	}
+	resolver := resolve.NewManual(eps...)
+	conn, err := call.Connect(ctx, resolver, call.ClientOptions{Logger: logger}) // round-robin by default
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	return exercise(ctx, conn, resolver, replicas, logger)
 }
 
-func exercise(ctx context.Context, s server, logger *slog.Logger) error {
-	fmt.Printf("[%s] dialling %s\n", s.name, s.ep.Address())
-	c, err := call.Dial(ctx, s.ep, call.ClientOptions{Logger: logger})
-	if err != nil {
+func exercise(ctx context.Context, conn call.Connection, resolver *resolve.Manual, replicas []*replica, logger *slog.Logger) error {
+	// Calls would wait for the first endpoint to connect; wait for all three, so round-robin
+	// has them all to spread calls over.
+	if err := waitReady(ctx, conn, 3); err != nil {
 		return err
 	}
-	defer c.Close()
+	counts := map[string]int{}
+	for i := range 30 {
+		out, err := conn.Call(call.WithMetadata(ctx, call.Metadata{"lang": "fr"}), greetKey, []byte("weft"), call.CallOptions{})
+		if err != nil {
+			return fmt.Errorf("Greet: %w", err)
+		}
+		if i == 0 {
+			fmt.Printf("[client] Greet: %s\n", out)
+		}
+		counts[string(out[strings.LastIndex(string(out), "from ")+5:len(out)-1])]++
+	}
+	fmt.Printf("[client] 30 Greets over the replicas: %s\n", formatCounts(counts))
 
-	// A call with metadata.
-	out, err := c.Call(call.WithMetadata(ctx, call.Metadata{"lang": "fr"}), greetKey, []byte("weft"), call.CallOptions{})
-	if err != nil {
+	// With the sharded balancer, a shard key routes a call to one replica of the resolved set
+	// (ordered by address): here, each in turn.
+	for k := range uint64(3) {
+		out, err := conn.Call(ctx, whoKey, nil, call.CallOptions{Balancer: balance.Sharded(), Sharded: true, ShardKey: k})
+		if err != nil {
+			return fmt.Errorf("WhoAmI: %w", err)
+		}
+		fmt.Printf("[client] WhoAmI with shard key %d: %s\n", k, out)
+	}
+
+	// 300 concurrent echoes, multiplexed on the three connections.
+	if err := echoes(ctx, conn, 300); err != nil {
 		return err
 	}
-	fmt.Printf("[%s] Greet: %s\n", s.name, out)
-
-	// The peer identity the server verified.
-	out, err = c.Call(ctx, whoKey, nil, call.CallOptions{})
-	if err != nil {
-		return err
-	}
-	fmt.Printf("[%s] WhoAmI: the server sees %s\n", s.name, out)
-
-	// 100 concurrent calls multiplexed on this one connection.
-	var wg sync.WaitGroup
-	var mu sync.Mutex
-	failures := 0
-	for i := range 100 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			msg := fmt.Appendf(nil, "message %d", i)
-			got, err := c.Call(ctx, echoKey, msg, call.CallOptions{})
-			if err != nil || !bytes.Equal(got, msg) {
-				mu.Lock()
-				failures++
-				mu.Unlock()
-			}
-		}()
-	}
-	wg.Wait()
-	fmt.Printf("[%s] 100 concurrent echoes on one connection: %d failed\n", s.name, failures)
-	if failures > 0 {
-		return errors.New("concurrent echoes failed")
-	}
+	fmt.Printf("[client] 300 concurrent echoes: all matched\n")
 
 	// A 3 MiB message travels in chunks, interleaved with other calls.
 	big := bytes.Repeat([]byte("weft"), 3<<20/4)
-	start := time.Now()
-	got, err := c.Call(ctx, echoKey, big, call.CallOptions{})
+	begin := time.Now()
+	got, err := conn.Call(ctx, echoKey, big, call.CallOptions{})
 	if err != nil || !bytes.Equal(got, big) {
 		return fmt.Errorf("3 MiB echo: %v", err)
 	}
-	fmt.Printf("[%s] 3 MiB echo round trip in %v\n", s.name, time.Since(start).Round(time.Millisecond))
+	fmt.Printf("[client] 3 MiB echo round trip in %v\n", time.Since(begin).Round(time.Millisecond))
 
 	// A deadline shorter than the handler: the caller gets DeadlineExceeded, and the handler
 	// sees its context cancelled.
 	dctx, dcancel := context.WithTimeout(ctx, 50*time.Millisecond)
-	_, err = c.Call(dctx, slowKey, nil, call.CallOptions{})
+	_, err = conn.Call(dctx, slowKey, nil, call.CallOptions{})
 	dcancel()
-	fmt.Printf("[%s] Slow with a 50ms deadline: deadline exceeded=%t (%v)\n", s.name, errors.Is(err, context.DeadlineExceeded), err)
+	fmt.Printf("[client] Slow with a 50ms deadline: deadline exceeded=%t\n", errors.Is(err, context.DeadlineExceeded))
+	if !errors.Is(err, context.DeadlineExceeded) {
+		return fmt.Errorf("Slow: got %v, want a deadline error", err)
+	}
 
 	// An unknown method: a typed error that proves the call never ran.
-	_, err = c.Call(ctx, call.MakeMethodKey("greeter", "Missing"), nil, call.CallOptions{})
-	fmt.Printf("[%s] Missing: unknown method=%t never ran=%t\n", s.name, errors.Is(err, call.ErrUnknownMethod), call.NeverRan(err))
+	_, err = conn.Call(ctx, call.MakeMethodKey("greeter", "Missing"), nil, call.CallOptions{})
+	fmt.Printf("[client] Missing: unknown method=%t never ran=%t\n", errors.Is(err, call.ErrUnknownMethod), call.NeverRan(err))
 	if !errors.Is(err, call.ErrUnknownMethod) {
 		return fmt.Errorf("unknown method: got %v", err)
 	}
+
+	// Drain replica-1 while slow calls run everywhere: it sends a go-away, its admitted calls
+	// finish, and new calls go to the other replicas.
+	var wg sync.WaitGroup
+	slow := make([]error, 9)
+	for i := range slow {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			_, slow[i] = conn.Call(ctx, slowKey, nil, call.CallOptions{})
+		}()
+	}
+	time.Sleep(50 * time.Millisecond) // let the slow calls reach their replicas
+	fmt.Printf("[client] draining %s with calls in flight\n", replicas[0].name)
+	replicas[0].stop()
+	if err := echoes(ctx, conn, 100); err != nil {
+		return fmt.Errorf("during the drain: %w", err)
+	}
+	wg.Wait()
+	<-replicas[0].done
+	for i, err := range slow {
+		if err != nil {
+			return fmt.Errorf("slow call %d during the drain: %w", i, err)
+		}
+	}
+	fmt.Printf("[client] all 9 slow calls finished, 100 echoes during the drain all matched\n")
+
+	// Replace replica-1 in the resolver with a new replica-4: the client dials it and
+	// balances over it; the stopped replica is forgotten.
+	l4, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return err
+	}
+	r4 := start("replica-4/tcp", l4, endpoint.TCP(l4.Addr().String()), logger)
+	replicas[0] = r4
+	resolver.Update(replicas[0].ep, replicas[1].ep, replicas[2].ep)
+	fmt.Printf("[client] resolver now lists %s instead of replica-1\n", r4.ep.Address())
+	if err := waitReady(ctx, conn, 3); err != nil {
+		return err
+	}
+	counts = map[string]int{}
+	for range 30 {
+		out, err := conn.Call(ctx, greetKey, []byte("again"), call.CallOptions{})
+		if err != nil {
+			return fmt.Errorf("Greet after the update: %w", err)
+		}
+		counts[string(out[strings.LastIndex(string(out), "from ")+5:len(out)-1])]++
+	}
+	fmt.Printf("[client] 30 Greets after the update: %s\n", formatCounts(counts))
+	if counts["replica-1/tcp"] != 0 {
+		return errors.New("a call reached the drained replica")
+	}
 	return nil
+}
+
+// waitReady waits until n endpoints of conn are ready.
+func waitReady(ctx context.Context, conn call.Connection, n int) error {
+	for {
+		st := conn.(call.Inspectable).Status()
+		ready := 0
+		for _, e := range st.Endpoints {
+			if e.State == call.EndpointReady {
+				ready++
+			}
+		}
+		if ready >= n {
+			return nil
+		}
+		select {
+		case <-st.Changed:
+		case <-ctx.Done():
+			return fmt.Errorf("waiting for %d ready endpoints: %+v", n, st.Endpoints)
+		}
+	}
+}
+
+// echoes makes n concurrent Echo calls and checks every reply.
+func echoes(ctx context.Context, conn call.Connection, n int) error {
+	var wg sync.WaitGroup
+	errs := make(chan error, n)
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			msg := fmt.Appendf(nil, "message %d", i)
+			got, err := conn.Call(ctx, echoKey, msg, call.CallOptions{})
+			if err == nil && !bytes.Equal(got, msg) {
+				err = fmt.Errorf("echo %d returned %q", i, got)
+			}
+			if err != nil {
+				errs <- err
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	return <-errs // nil if every echo matched
+}
+
+func formatCounts(counts map[string]int) string {
+	var parts []string
+	for _, k := range slices.Sorted(maps.Keys(counts)) {
+		parts = append(parts, fmt.Sprintf("%s=%d", k, counts[k]))
+	}
+	return strings.Join(parts, " ")
 }
 
 // testCertificates makes a throwaway CA, a server certificate for 127.0.0.1 and a client
