@@ -11,6 +11,7 @@ import (
 
 	"github.com/weftrpc/weft/call"
 	"github.com/weftrpc/weft/endpoint"
+	"github.com/weftrpc/weft/resolve"
 )
 
 var benchSizes = []int{16, 1 << 10, 64 << 10, 1 << 20}
@@ -18,6 +19,18 @@ var benchSizes = []int{16, 1 << 10, 64 << 10, 1 << 20}
 // benchServer serves an echo handler on a fresh listener of the given network and returns a
 // connected client.
 func benchServer(b *testing.B, network string) *call.Conn {
+	b.Helper()
+	c, err := call.Dial(context.Background(), benchListen(b, network), call.ClientOptions{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(c.Close)
+	return c
+}
+
+// benchListen serves an echo handler on a fresh listener of the given network until the
+// benchmark ends and returns its endpoint.
+func benchListen(b *testing.B, network string) endpoint.Endpoint {
 	b.Helper()
 	var (
 		l   net.Listener
@@ -48,17 +61,69 @@ func benchServer(b *testing.B, network string) *call.Conn {
 		defer close(done)
 		call.Serve(ctx, call.NetListener(l, &hm), call.ServerOptions{})
 	}()
-	opts := call.ClientOptions{}
-	c, err := call.Dial(ctx, ep, opts)
-	if err != nil {
-		b.Fatal(err)
-	}
 	b.Cleanup(func() {
-		c.Close()
 		cancel()
 		<-done
 	})
-	return c
+	return ep
+}
+
+// BenchmarkConnectEcho compares a 16 B echo through one Conn from Dial with the same echo
+// through a Connection from Connect (one endpoint, round-robin), sequential and with 64
+// callers: the difference is the cost of picking a member.
+func BenchmarkConnectEcho(b *testing.B) {
+	clients := []struct {
+		name string
+		make func(b *testing.B, ep endpoint.Endpoint) call.Connection
+	}{
+		{"dial", func(b *testing.B, ep endpoint.Endpoint) call.Connection {
+			c, err := call.Dial(context.Background(), ep, call.ClientOptions{})
+			if err != nil {
+				b.Fatal(err)
+			}
+			return c
+		}},
+		{"connect", func(b *testing.B, ep endpoint.Endpoint) call.Connection {
+			c, err := call.Connect(context.Background(), resolve.Constant(ep), call.ClientOptions{})
+			if err != nil {
+				b.Fatal(err)
+			}
+			return c
+		}},
+	}
+	for _, mode := range []string{"seq", "par64"} {
+		for _, cl := range clients {
+			b.Run(fmt.Sprintf("unix/%s/%s", mode, cl.name), func(b *testing.B) {
+				c := cl.make(b, benchListen(b, "unix"))
+				defer c.Close()
+				ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+				defer cancel()
+				args := make([]byte, 16)
+				if _, err := c.Call(ctx, echoKey, args, call.CallOptions{}); err != nil { // connected
+					b.Fatal(err)
+				}
+				b.ReportAllocs()
+				if mode == "seq" {
+					for b.Loop() {
+						if _, err := c.Call(ctx, echoKey, args, call.CallOptions{}); err != nil {
+							b.Fatal(err)
+						}
+					}
+					return
+				}
+				b.SetParallelism(max(1, 64/runtime.GOMAXPROCS(0)))
+				b.RunParallel(func(pb *testing.PB) {
+					args := make([]byte, 16)
+					for pb.Next() {
+						if _, err := c.Call(ctx, echoKey, args, call.CallOptions{}); err != nil {
+							b.Error(err)
+							return
+						}
+					}
+				})
+			})
+		}
+	}
 }
 
 var echoKey = call.MakeMethodKey("bench", "Echo")

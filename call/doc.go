@@ -8,11 +8,15 @@
 //	hm.Set("cache", "Get", func(ctx context.Context, args []byte) ([]byte, error) { ... })
 //	err := call.Serve(ctx, call.NetListener(l, &hm), call.ServerOptions{})
 //
-// A client dials an [endpoint.Endpoint] and calls methods by key; calls from many goroutines
-// share the connection:
+// A client connects to the servers a [resolve.Resolver] names and calls methods by key; calls
+// from many goroutines share its connections, and a [balance.Balancer] picks the server of
+// each call:
 //
-//	c, err := call.Dial(ctx, endpoint.TCP("cache.internal:8000"), call.ClientOptions{})
+//	r := resolve.Constant(endpoint.TCP("10.0.0.1:8000"), endpoint.TCP("10.0.0.2:8000"))
+//	c, err := call.Connect(ctx, r, call.ClientOptions{})
 //	reply, err := c.Call(ctx, call.MakeMethodKey("cache", "Get"), args, call.CallOptions{})
+//
+// [Dial] connects to a single server and returns its [Conn].
 //
 // Errors fall into categories tested with errors.Is ([ErrUnreachable], [ErrRefused],
 // [ErrCommunication], [ErrUnknownMethod], [ErrSignatureMismatch], [ErrMessageTooLarge],
@@ -24,6 +28,11 @@
 // with [SetLoad]. Every limit ([Limits]) has a default, is advertised in the handshake, and
 // fails with a typed error when exceeded. DESIGN.md documents the wire format byte by byte.
 package call
+
+import (
+	_ "github.com/weftrpc/weft/balance" // for doc links
+	_ "github.com/weftrpc/weft/resolve" // for doc links
+)
 
 // # Overview
 //

@@ -169,7 +169,7 @@ func exercise(ctx context.Context, conn call.Connection, resolver *resolve.Manua
 	for i := range 30 {
 		out, err := conn.Call(call.WithMetadata(ctx, call.Metadata{"lang": "fr"}), greetKey, []byte("weft"), call.CallOptions{})
 		if err != nil {
-			return fmt.Errorf("Greet: %w", err)
+			return fmt.Errorf("greet: %w", err)
 		}
 		if i == 0 {
 			fmt.Printf("[client] Greet: %s\n", out)
@@ -210,7 +210,7 @@ func exercise(ctx context.Context, conn call.Connection, resolver *resolve.Manua
 	dcancel()
 	fmt.Printf("[client] Slow with a 50ms deadline: deadline exceeded=%t\n", errors.Is(err, context.DeadlineExceeded))
 	if !errors.Is(err, context.DeadlineExceeded) {
-		return fmt.Errorf("Slow: got %v, want a deadline error", err)
+		return fmt.Errorf("slow call: got %v, want a deadline error", err)
 	}
 
 	// An unknown method: a typed error that proves the call never ran.
@@ -263,7 +263,7 @@ func exercise(ctx context.Context, conn call.Connection, resolver *resolve.Manua
 	for range 30 {
 		out, err := conn.Call(ctx, greetKey, []byte("again"), call.CallOptions{})
 		if err != nil {
-			return fmt.Errorf("Greet after the update: %w", err)
+			return fmt.Errorf("greet after the update: %w", err)
 		}
 		counts[string(out[strings.LastIndex(string(out), "from ")+5:len(out)-1])]++
 	}
