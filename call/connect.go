@@ -381,6 +381,12 @@ func (c *client) resolveLoop() {
 		failures = 0
 		if version != nil && v != nil && *v == *version {
 			// Nothing new: the resolver asks to be polled again later.
+			c.mu.Lock()
+			if c.resolveErr != nil {
+				c.resolveErr = nil
+				c.publishLocked()
+			}
+			c.mu.Unlock()
 			if !c.sleep(c.opts.Backoff.Delay(1)) {
 				return
 			}
