@@ -37,11 +37,9 @@ func (b Backoff) withDefaults() Backoff {
 	if b.Factor < 1 {
 		b.Factor = defaultBackoffFactor
 	}
+	// A negative Jitter stays negative, so applying the defaults twice keeps "no jitter".
 	if b.Jitter == 0 {
 		b.Jitter = defaultBackoffJitter
-	}
-	if b.Jitter < 0 {
-		b.Jitter = 0
 	}
 	b.Jitter = min(b.Jitter, 1)
 	if b.Max <= 0 {
