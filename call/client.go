@@ -210,6 +210,14 @@ func clientHandshake(ctx context.Context, nc net.Conn, br *bufio.Reader, opts Cl
 	h := helloFromLimits(opts.Limits, 0, 0)
 	var buf [helloPrefixLen + helloRestLen]byte
 	if _, err := nc.Write(h.append(buf[:0])); err != nil {
+		if _, ok := nc.(*tls.Conn); ok {
+			// Under TLS 1.3 a server that rejects the client's certificate does so after the
+			// client's handshake has returned: it sends an alert and closes, and the write may
+			// fail first. The alert, waiting to be read, says why.
+			if _, rerr := br.ReadByte(); rerr != nil && !errors.Is(rerr, io.EOF) {
+				return hello{}, rerr
+			}
+		}
 		return hello{}, err
 	}
 	peer, err := readHello(br)
