@@ -851,18 +851,6 @@ func TestCTShardedOwnerFlap(t *testing.T) {
 
 // --- 6. Go-away ----------------------------------------------------------------------------------
 
-// cttPin returns a balancer that picks the member with address addr, ready or not.
-func cttPin(addr string) balance.Balancer {
-	return balance.Func(func(info balance.PickInfo) (balance.Member, error) {
-		for _, m := range info.Members {
-			if m.Endpoint().Address() == addr {
-				return m, nil
-			}
-		}
-		return nil, balance.ErrNoMember
-	})
-}
-
 // A real server drains (Serve's context cancelled, positive DrainTimeout): the call it runs
 // finishes there, and new calls go to the other server without failing.
 func TestCTGoAwayDrainingServer(t *testing.T) {
@@ -887,7 +875,7 @@ func TestCTGoAwayDrainingServer(t *testing.T) {
 			t.Fatalf("%d endpoints ready, want 2", n)
 		}
 		time.Sleep(2 * time.Second)
-		blocked := cbGo(cbCtx(t, time.Minute), conn, cbKey("Block"), nil, call.CallOptions{Balancer: cttPin(a.pl.Address())})
+		blocked := cbGo(cbCtx(t, time.Minute), conn, cbKey("Block"), nil, call.CallOptions{Balancer: crTo(a.pl.Address())})
 		cbWait(t, "the handler on a", entered, time.Minute)
 
 		// a drains: it sends a go-away and finishes the call it runs.
@@ -946,7 +934,7 @@ func TestCTGoAwayRefusesUnacceptedCall(t *testing.T) {
 			t.Fatalf("%d endpoints ready, want 2", n)
 		}
 
-		pinned := call.CallOptions{Balancer: cttPin(fl.Address())}
+		pinned := call.CallOptions{Balancer: crTo(fl.Address())}
 		preferA := call.CallOptions{Balancer: balance.Func(func(info balance.PickInfo) (balance.Member, error) {
 			for _, m := range info.Ready {
 				if m.Endpoint().Address() == fl.Address() {
