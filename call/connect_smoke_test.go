@@ -5,6 +5,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/weftrpc/weft/balance"
 	"github.com/weftrpc/weft/call"
 	"github.com/weftrpc/weft/endpoint"
 	"github.com/weftrpc/weft/resolve"
@@ -74,6 +75,96 @@ func TestConnectRoundRobinSmoke(t *testing.T) {
 			}
 			if counts["a"] < 8 || counts["b"] < 8 || counts["c"] < 8 {
 				t.Errorf("calls per server %v; want about 10 each", counts)
+			}
+		})
+	}
+}
+
+// TestConnectMembersReportLoad checks that a balancer sees, through balance.Member, the calls in
+// flight on each member and the load its server reported with its last reply, and that
+// ConnectionStatus shows the same.
+func TestConnectMembersReportLoad(t *testing.T) {
+	for _, tr := range cbTransports("tcp", "unix", "mtls") {
+		t.Run(tr.Name, func(t *testing.T) {
+			ctx := cbCtx(t, 20*time.Second)
+			entered := make(chan struct{})
+			release := make(chan struct{})
+			var eps []endpoint.Endpoint
+			for _, load := range []float64{0.25, 0.75} {
+				l, ep := tr.Listen(t)
+				var hm call.HandlerMap
+				hm.Set(cbComponent, "Load", func(ctx context.Context, _ []byte) ([]byte, error) {
+					call.SetLoad(ctx, load)
+					return nil, nil
+				})
+				hm.Set(cbComponent, "Hold", func(ctx context.Context, _ []byte) ([]byte, error) {
+					call.SetLoad(ctx, load)
+					entered <- struct{}{}
+					select {
+					case <-release:
+					case <-ctx.Done():
+					}
+					return nil, nil
+				})
+				cbServe(t, l, &hm, call.ServerOptions{})
+				eps = append(eps, ep)
+			}
+			conn, err := call.Connect(ctx, resolve.Constant(eps...), call.ClientOptions{Logger: cbQuiet})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close()
+			ctWaitStatus(t, conn, "two ready endpoints", func(st call.ConnectionStatus) bool { return ctCount(st, call.EndpointReady) == 2 })
+			for range 4 { // round-robin: each server answers twice
+				if _, err := conn.Call(ctx, cbKey("Load"), nil, call.CallOptions{}); err != nil {
+					t.Fatal(err)
+				}
+			}
+			held := cbGo(ctx, conn, cbKey("Hold"), nil, call.CallOptions{})
+			cbWait(t, "the held call to start", entered, 10*time.Second)
+
+			// A balancer that records what it sees and picks the least loaded member.
+			type seen struct {
+				addr     string
+				load     float64
+				inFlight int
+			}
+			var got []seen
+			leastLoaded := balance.Func(func(info balance.PickInfo) (balance.Member, error) {
+				got = got[:0]
+				var best balance.Member
+				for _, m := range info.Ready {
+					got = append(got, seen{m.Endpoint().Address(), m.Load(), m.InFlight()})
+					if best == nil || m.Load() < best.Load() {
+						best = m
+					}
+				}
+				return best, nil
+			})
+			if _, err := conn.Call(ctx, cbKey("Load"), nil, call.CallOptions{Balancer: leastLoaded}); err != nil {
+				t.Fatal(err)
+			}
+			loads := map[string]float64{}
+			inFlight := 0
+			for _, s := range got {
+				loads[s.addr] = s.load
+				inFlight += s.inFlight
+			}
+			if loads[eps[0].Address()] != 0.25 || loads[eps[1].Address()] != 0.75 {
+				t.Errorf("balancer saw loads %v, want 0.25 for %s and 0.75 for %s", loads, eps[0].Address(), eps[1].Address())
+			}
+			if inFlight != 1 {
+				t.Errorf("balancer saw %d calls in flight over both members, want the 1 held call (%+v)", inFlight, got)
+			}
+			close(release)
+			if r := cbAwait(t, "held call", held, 10*time.Second); r.err != nil {
+				t.Fatal(r.err)
+			}
+			st := conn.(call.Inspectable).Status()
+			for _, e := range st.Endpoints {
+				if want := loads[e.Address]; e.Load != want || e.InFlight != 0 {
+					t.Errorf("status of %s: load %v, %d in flight; want %v, 0", e.Address, e.Load, e.InFlight, want)
+				}
 			}
 		})
 	}
