@@ -622,6 +622,9 @@ func (m *member) run() {
 		// The connection broke or the server sent a go-away. Redial at once if it had been
 		// up for a while; a connection that keeps dying soon after it is made backs off.
 		reason := conn.Err()
+		if reason == nil {
+			reason = errors.New("the server sent a go-away")
+		}
 		if isClosed(conn.Done()) {
 			conn.Close()
 		} else {
