@@ -24,6 +24,7 @@ import (
 	"fmt"
 	"math"
 	"math/bits"
+	"sync"
 	"time"
 )
 
@@ -33,13 +34,38 @@ var ErrDecode = errors.New("codec: cannot decode")
 // An Encoder appends encoded values to a buffer. The zero value is ready to use.
 type Encoder struct {
 	buf []byte
+	err error // the first failure of Binary
 }
 
 // NewEncoder returns an Encoder that appends to buf[:0], reusing its capacity.
 func NewEncoder(buf []byte) *Encoder { return &Encoder{buf: buf[:0]} }
 
-// Reset makes e append to buf[:0].
-func (e *Encoder) Reset(buf []byte) { e.buf = buf[:0] }
+// Reset makes e append to buf[:0] and forgets its failure.
+func (e *Encoder) Reset(buf []byte) { e.buf, e.err = buf[:0], nil }
+
+// Err returns the first failure of [Encoder.Binary], or nil.
+func (e *Encoder) Err() error { return e.err }
+
+var encoders = sync.Pool{New: func() any { return &Encoder{buf: make([]byte, 0, 512)} }}
+
+// maxPooled is the largest buffer PutEncoder keeps.
+const maxPooled = 64 << 10
+
+// GetEncoder returns an empty Encoder from a pool. Return it with [PutEncoder] once its bytes
+// are no longer used.
+func GetEncoder() *Encoder {
+	e := encoders.Get().(*Encoder)
+	e.Reset(e.buf)
+	return e
+}
+
+// PutEncoder returns e to the pool used by [GetEncoder]; e and its bytes must not be used
+// afterwards.
+func PutEncoder(e *Encoder) {
+	if cap(e.buf) <= maxPooled {
+		encoders.Put(e)
+	}
+}
 
 // Data returns the encoded bytes. They alias the Encoder's buffer until the next Reset.
 func (e *Encoder) Data() []byte { return e.buf }
@@ -140,8 +166,8 @@ func (e *Encoder) Time(t time.Time) {
 func (e *Encoder) Duration(d time.Duration) { e.Int64(int64(d)) }
 
 // Binary encodes a value by its own binary form: AppendBinary if it implements
-// [encoding.BinaryAppender], else MarshalBinary. If that fails, the error is returned and
-// nothing is encoded.
+// [encoding.BinaryAppender], else MarshalBinary. If that fails, nothing is encoded, and the
+// error is returned and recorded for [Encoder.Err].
 func (e *Encoder) Binary(m encoding.BinaryMarshaler) error {
 	mark := len(e.buf)
 	e.buf = append(e.buf, make([]byte, 4)...)
@@ -156,6 +182,9 @@ func (e *Encoder) Binary(m encoding.BinaryMarshaler) error {
 	}
 	if err != nil {
 		e.buf = e.buf[:mark]
+		if e.err == nil {
+			e.err = fmt.Errorf("codec: encoding %T: %w", m, err)
+		}
 		return err
 	}
 	binary.LittleEndian.PutUint32(e.buf[mark:], uint32(len(e.buf)-mark-4))
