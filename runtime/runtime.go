@@ -26,6 +26,7 @@ import (
 	"unsafe"
 
 	"github.com/weftrpc/weft/call"
+	"go.opentelemetry.io/otel/codes"
 	"go.opentelemetry.io/otel/trace"
 )
 
@@ -185,4 +186,25 @@ func Find[T any]() (Registration, bool) {
 		return Registration{}, false
 	}
 	return *r, true
+}
+
+// EndSpan ends a span started by a generated local stub, recording err if it is not nil.
+func EndSpan(span trace.Span, err error) {
+	if err != nil {
+		span.RecordError(err)
+		span.SetStatus(codes.Error, err.Error())
+	}
+	span.End()
+}
+
+// ResultsError is the error a generated client stub returns when a reply cannot be decoded.
+// It wraps the decoding error (which wraps [codec.ErrDecode]).
+func ResultsError(method string, err error) error {
+	return fmt.Errorf("weft: decoding the results of %s: %w", method, err)
+}
+
+// ArgsError is the error a generated server stub returns when a call's arguments cannot be
+// decoded; the caller receives it as a remote failure.
+func ArgsError(method string, err error) error {
+	return fmt.Errorf("weft: decoding the arguments of %s: %w", method, err)
 }
