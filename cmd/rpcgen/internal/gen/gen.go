@@ -416,8 +416,22 @@ func (g *generator) file(comps []*component) []byte {
 		paths = append(paths, path)
 	}
 	slices.Sort(paths)
+	// Standard library first, then the rest, as goimports groups them.
+	std := func(path string) bool { return !strings.Contains(strings.Split(path, "/")[0], ".") }
+	slices.SortStableFunc(paths, func(a, b string) int {
+		if std(a) != std(b) {
+			if std(a) {
+				return -1
+			}
+			return 1
+		}
+		return strings.Compare(a, b)
+	})
 	out.WriteString("import (\n")
-	for _, path := range paths {
+	for i, path := range paths {
+		if i > 0 && std(paths[i-1]) && !std(path) {
+			out.WriteString("\n")
+		}
 		name := g.imports[path]
 		if name == filepath.Base(path) {
 			fmt.Fprintf(&out, "\t%q\n", path)
