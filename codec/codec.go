@@ -213,12 +213,22 @@ type Decoder struct {
 	err    error  // the first failure
 	depth  int
 	budget int64 // bytes the decoder may still allocate
+	alias  bool  // decoded byte slices may alias data
 }
 
 // NewDecoder returns a Decoder that reads b. Decoded values never alias b.
 func NewDecoder(b []byte) *Decoder {
 	d := &Decoder{}
 	d.Reset(b)
+	return d
+}
+
+// NewOwnedDecoder returns a Decoder that reads b, which the caller owns and will not modify:
+// decoded byte slices ([]byte and slices of other one-byte types) alias b instead of being
+// copied. They keep all of b reachable while they are.
+func NewOwnedDecoder(b []byte) *Decoder {
+	d := NewDecoder(b)
+	d.alias = true
 	return d
 }
 
@@ -430,16 +440,9 @@ func (d *Decoder) Len(minSize, memSize int) int {
 	return int(n)
 }
 
-// Bytes decodes a []byte, keeping nil distinct from empty. The result does not alias the input.
-func (d *Decoder) Bytes() []byte {
-	n := d.Len(1, 1)
-	if n < 0 {
-		return nil
-	}
-	b := make([]byte, n)
-	copy(b, d.next(n))
-	return b
-}
+// Bytes decodes a []byte, keeping nil distinct from empty. The result does not alias the input
+// unless the Decoder is from [NewOwnedDecoder].
+func (d *Decoder) Bytes() []byte { return DecodeFixed[byte](d) }
 
 // Time decodes a time.Time encoded by [Encoder.Time].
 func (d *Decoder) Time() time.Time {

@@ -54,10 +54,22 @@ func AppendFixed[T Fixed](e *Encoder, s []T) {
 	}
 }
 
-// DecodeFixed decodes a slice encoded by [AppendFixed] with one copy.
+// DecodeFixed decodes a slice encoded by [AppendFixed] with one copy, or, for one-byte types
+// and a Decoder from [NewOwnedDecoder], none: the result then aliases the input.
 func DecodeFixed[T Fixed](d *Decoder) []T {
 	var zero T
 	size := int(unsafe.Sizeof(zero))
+	if size == 1 && d.alias {
+		n := d.Len(1, 0)
+		if n < 0 {
+			return nil
+		}
+		b := d.next(n)
+		if len(b) == 0 {
+			return []T{}
+		}
+		return unsafe.Slice((*T)(unsafe.Pointer(unsafe.SliceData(b))), n)
+	}
 	n := d.Len(size, size)
 	if n < 0 {
 		return nil

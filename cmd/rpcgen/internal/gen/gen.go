@@ -560,6 +560,13 @@ func (g *generator) component(w *bytes.Buffer, c *component, rt, callPkg, codecP
 		params, results, _, _ := g.signatureParts(sig, ctxPkg)
 		p("func (s %s) %s(%s) (%s) {\n", client, m.Name(), params, results)
 		p("\tenc := %s.GetEncoder()\n\tdefer %s.PutEncoder(enc)\n", codecPkg, codecPkg)
+		var hints []string
+		for i := 1; i < sig.Params().Len(); i++ {
+			hints = append(hints, g.types.sizeHint(sig.Params().At(i).Type(), fmt.Sprintf("a%d", i)))
+		}
+		if hint := sumHints(hints); hint != "" {
+			p("\tenc.Grow(%s)\n", hint)
+		}
 		for i := 1; i < sig.Params().Len(); i++ {
 			t := sig.Params().At(i).Type()
 			if sig.Variadic() && i == sig.Params().Len()-1 {
@@ -571,7 +578,7 @@ func (g *generator) component(w *bytes.Buffer, c *component, rt, callPkg, codecP
 		p("\tvar reply []byte\n")
 		p("\treply, err = s.conn.Call(ctx, %s_%s_key, enc.Data(), %s.CallOptions{Signature: %s_%s_sig})\n", lname, m.Name(), callPkg, lname, m.Name())
 		p("\tif err != nil {\n\t\treturn\n\t}\n")
-		p("\tdec := %s.NewDecoder(reply)\n", codecPkg)
+		p("\tdec := %s.NewOwnedDecoder(reply) // the caller owns the reply\n", codecPkg)
 		n := sig.Results().Len()
 		var outs []string
 		for i := 0; i < n-1; i++ {
@@ -609,7 +616,15 @@ func (g *generator) component(w *bytes.Buffer, c *component, rt, callPkg, codecP
 		}
 		outs = append(outs, "appErr")
 		p("\t\t%s := impl.%s(%s)\n", strings.Join(outs, ", "), m.Name(), strings.Join(append([]string{"ctx"}, call...), ", "))
-		p("\t\tenc := %s.NewEncoder(nil)\n", codecPkg)
+		var hints []string
+		for i := 0; i < n-1; i++ {
+			hints = append(hints, g.types.sizeHint(sig.Results().At(i).Type(), fmt.Sprintf("r%d", i)))
+		}
+		if hint := sumHints(hints); hint != "" {
+			p("\t\tenc := %s.NewEncoder(make([]byte, 0, %s))\n", codecPkg, hint)
+		} else {
+			p("\t\tenc := %s.NewEncoder(nil)\n", codecPkg)
+		}
 		for i := 0; i < n-1; i++ {
 			p("\t\t%s\n", g.types.encode(sig.Results().At(i).Type(), fmt.Sprintf("r%d", i)))
 		}
@@ -618,6 +633,21 @@ func (g *generator) component(w *bytes.Buffer, c *component, rt, callPkg, codecP
 		p("\t\treturn enc.Data(), nil\n\t})\n")
 	}
 	p("}\n\n")
+}
+
+// sumHints adds up the non-empty size hints, plus room for lengths and the error, or returns
+// "" if there are none.
+func sumHints(hints []string) string {
+	var hs []string
+	for _, h := range hints {
+		if h != "" {
+			hs = append(hs, h)
+		}
+	}
+	if len(hs) == 0 {
+		return ""
+	}
+	return "16 + " + strings.Join(hs, " + ")
 }
 
 // signatureParts returns a method's parameter list (ctx, a1, a2...), its named result list

@@ -364,6 +364,25 @@ func (s *typeSet) decode(t types.Type) string {
 	return dec + "(dec)"
 }
 
+// sizeHint returns an expression for the encoded size of the value of expression v, of type t,
+// when that is cheap to know and may be large (strings and slices of numbers), or "".
+func (s *typeSet) sizeHint(t types.Type, v string) string {
+	if b, ok := basicOf(t); ok && b.Kind() == types.String {
+		return "len(" + v + ")"
+	}
+	sl, ok := t.Underlying().(*types.Slice)
+	if !ok || isBinary(t) {
+		return ""
+	}
+	if b, ok := basicOf(sl.Elem()); ok && (fixedKinds[b.Kind()] || wordKinds[b.Kind()]) {
+		if size := minSize(sl.Elem(), nil); size > 1 {
+			return fmt.Sprintf("%d*len(%s)", size, v)
+		}
+		return "len(" + v + ")"
+	}
+	return ""
+}
+
 // sizeof returns a constant expression for the size of a value of t in memory.
 func (s *typeSet) sizeof(t types.Type) string {
 	return fmt.Sprintf("%s.Sizeof(*new(%s))", s.g.importName("unsafe", "unsafe"), s.g.typeString(t))
