@@ -2,6 +2,8 @@
 // keep CI's check of generated code meaningful.
 package echo
 
+//go:generate go run github.com/weftrpc/weft/cmd/rpcgen
+
 import (
 	"context"
 
