@@ -173,7 +173,10 @@ func (e *Encoder) Binary(m encoding.BinaryMarshaler) error {
 	e.buf = append(e.buf, make([]byte, 4)...)
 	var err error
 	if a, ok := m.(encoding.BinaryAppender); ok {
-		e.buf, err = a.AppendBinary(e.buf)
+		var b []byte
+		if b, err = a.AppendBinary(e.buf); err == nil {
+			e.buf = b
+		}
 	} else {
 		var b []byte
 		if b, err = m.MarshalBinary(); err == nil {
@@ -209,11 +212,12 @@ const (
 // A Decoder reads values encoded by an [Encoder]. The zero value decodes nothing; use
 // [NewDecoder] or [Decoder.Reset].
 type Decoder struct {
-	data   []byte // the bytes not yet read
-	err    error  // the first failure
-	depth  int
-	budget int64 // bytes the decoder may still allocate
-	alias  bool  // decoded byte slices may alias data
+	data     []byte // the bytes not yet read
+	err      error  // the first failure
+	depth    int
+	errDepth int   // errors nested in errors, bounded by maxErrorDepth
+	budget   int64 // bytes the decoder may still allocate
+	alias    bool  // decoded byte slices may alias data
 }
 
 // NewDecoder returns a Decoder that reads b. Decoded values never alias b.
@@ -381,6 +385,12 @@ func (d *Decoder) uvarint() uint64 {
 		}
 		return 0
 	}
+	if n > 1 && d.data[n-1] == 0 {
+		// A longer form than needed (a last byte of 0 adds nothing): every value has exactly
+		// one encoding.
+		d.fail("length encoded in more bytes than needed")
+		return 0
+	}
 	d.data = d.data[n:]
 	return v
 }
@@ -434,7 +444,11 @@ func (d *Decoder) Len(minSize, memSize int) int {
 		return 0
 	}
 	hi, mem := bits.Mul64(n, uint64(max(memSize, 0)))
-	if hi != 0 || !d.charge(mem) {
+	if hi != 0 {
+		d.fail("length %d of %d-byte elements overflows", n, memSize)
+		return 0
+	}
+	if !d.charge(mem) {
 		return 0
 	}
 	return int(n)
@@ -450,9 +464,30 @@ func (d *Decoder) Time() time.Time {
 	if b == nil {
 		return time.Time{}
 	}
+	p := d.next(int(b[0]))
+	if p == nil {
+		return time.Time{}
+	}
 	var t time.Time
-	if err := t.UnmarshalBinary(d.next(int(b[0]))); err != nil && d.err == nil {
+	if err := t.UnmarshalBinary(p); err != nil {
 		d.fail("time: %v", err)
+		return time.Time{}
+	}
+	// The layout (time.Time.MarshalBinary): version, seconds (8 bytes), nanoseconds (4),
+	// zone offset in minutes (2), and in version 2 the offset's seconds (1).
+	if nsec := int32(binary.BigEndian.Uint32(p[9:13])); nsec < 0 || nsec >= 1e9 {
+		d.fail("time: %d nanoseconds", nsec)
+		return time.Time{}
+	}
+	if len(p) == 16 && p[0] == 2 {
+		// UnmarshalBinary reads the offset's seconds unsigned; a negative offset with seconds
+		// arrives wrong. Apply the signed offset.
+		if mins := int16(binary.BigEndian.Uint16(p[13:15])); mins != -1 {
+			off := int(mins)*60 + int(int8(p[15]))
+			if _, got := t.Zone(); got != off {
+				t = t.In(time.FixedZone("", off))
+			}
+		}
 	}
 	return t
 }

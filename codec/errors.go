@@ -51,7 +51,7 @@ var registry struct {
 // err). The name must be the same in the caller's and the server's programs; rpcgen uses the
 // variable's package path and name. Registering a name or value twice panics.
 func RegisterSentinel(name string, err error) {
-	if err == nil || !reflect.TypeOf(err).Comparable() {
+	if err == nil || !reflect.ValueOf(err).Comparable() {
 		panic(fmt.Sprintf("codec: RegisterSentinel(%q): the error must be a non-nil comparable value", name))
 	}
 	registry.Lock()
@@ -97,7 +97,7 @@ func RegisterErrorType[T error](name string, enc func(*Encoder, T), dec func(*De
 }
 
 func lookupSentinel(err error) (string, bool) {
-	if !reflect.TypeOf(err).Comparable() {
+	if !reflect.ValueOf(err).Comparable() { // a comparable type may hold an uncomparable value
 		return "", false
 	}
 	registry.RLock()
@@ -162,13 +162,18 @@ func (e *Encoder) error(err error, depth int, budget *int) {
 	}
 }
 
-// Error decodes an application error encoded by [Encoder.Error].
+// Error decodes an application error encoded by [Encoder.Error]. Errors nested in errors
+// count toward [MaxDepth] like other nested values.
 func (d *Decoder) Error() error {
-	return d.error(0)
+	if !d.Enter() {
+		return nil
+	}
+	defer d.Leave()
+	return d.error()
 }
 
-func (d *Decoder) error(depth int) error {
-	if depth > maxErrorDepth {
+func (d *Decoder) error() error {
+	if d.errDepth > maxErrorDepth {
 		d.fail("error chain deeper than %d", maxErrorDepth)
 		return nil
 	}
@@ -205,7 +210,8 @@ func (d *Decoder) error(depth int) error {
 		if te == nil {
 			return &RemoteError{Message: msg}
 		}
-		sub := Decoder{data: body, budget: d.budget, depth: d.depth}
+		// The value's own errors nest inside this one: the sub-decoder inherits both depths.
+		sub := Decoder{data: body, budget: d.budget, depth: d.depth, errDepth: d.errDepth + 1}
 		err := te.dec(&sub)
 		if ferr := sub.Finish(); ferr != nil {
 			d.Fail(fmt.Errorf("error of type %s: %w", name, ferr))
@@ -216,9 +222,14 @@ func (d *Decoder) error(depth int) error {
 	case errPlain:
 		re := &RemoteError{Message: d.String()}
 		n := d.Len(1, 16)
-		for range max(n, 0) {
-			re.Wrapped = append(re.Wrapped, d.error(depth+1))
+		if n > 0 {
+			re.Wrapped = make([]error, 0, n)
 		}
+		d.errDepth++
+		for range max(n, 0) {
+			re.Wrapped = append(re.Wrapped, d.error())
+		}
+		d.errDepth--
 		if d.err != nil {
 			return nil
 		}
