@@ -12,6 +12,7 @@ import (
 	"go/types"
 	"os"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"sort"
 	"strings"
@@ -121,13 +122,20 @@ type component struct {
 
 // generator holds the state of generating one package's file.
 type generator struct {
-	pkg     *packages.Package
-	fset    *token.FileSet
-	errs    []Error
-	imports map[string]string // path -> name
-	names   map[string]bool   // import names taken
-	types   typeSet
+	pkg      *packages.Package
+	fset     *token.FileSet
+	errs     []Error
+	imports  map[string]string // path -> name
+	names    map[string]bool   // import names taken
+	types    typeSet
+	shadowed *regexp.Regexp // the package's types whose names generated code uses for locals
+	aliases  []string       // those types' names
 }
+
+// localName matches the identifiers generated code declares inside functions. A type of the
+// package with one of these names would be hidden there, so generated code refers to it through
+// an alias, weft_type_<name>.
+var localName = regexp.MustCompile(`^(enc|dec|v|n|k|x|i|s|ctx|args|impl|hm|reply|appErr|span|err|tracer|conn|a[0-9]+|r[0-9]+|out[0-9]+)$`)
 
 // Generate returns the generated file for pkg, nil if pkg has no components, or the problems
 // that prevent generating it.
@@ -139,6 +147,19 @@ func Generate(pkg *packages.Package) ([]byte, []Error) {
 		names:   map[string]bool{},
 	}
 	g.types.g = g
+	for _, name := range pkg.Types.Scope().Names() {
+		tn, ok := pkg.Types.Scope().Lookup(name).(*types.TypeName)
+		if !ok || !localName.MatchString(name) {
+			continue
+		}
+		if n, ok := tn.Type().(*types.Named); ok && n.TypeParams().Len() > 0 {
+			continue // generic aliases would need the type's constraints
+		}
+		g.aliases = append(g.aliases, name)
+	}
+	if len(g.aliases) > 0 {
+		g.shadowed = regexp.MustCompile(`(^|[^.\w])(` + strings.Join(g.aliases, "|") + `)\b`)
+	}
 	comps := g.findComponents()
 	for _, c := range comps {
 		g.checkComponent(c)
@@ -206,6 +227,12 @@ func (g *generator) findComponents() []*component {
 		}
 		for i := range st.NumFields() {
 			f := st.Field(i)
+			if ptr, isPtr := types.Unalias(f.Type()).(*types.Pointer); isPtr {
+				if arg, ok := isRuntimeType(ptr.Elem(), "Implements"); ok {
+					g.errorf(f.Pos(), "%s embeds *runtime.Implements[%s]: embed runtime.Implements[%s] itself, not a pointer to it", impl.Obj().Name(), types.TypeString(arg, g.relative), types.TypeString(arg, g.relative))
+				}
+				continue
+			}
 			arg, ok := isRuntimeType(f.Type(), "Implements")
 			if !ok {
 				continue
@@ -374,7 +401,14 @@ func (g *generator) qualifier(p *types.Package) string {
 	return g.importName(p.Path(), p.Name())
 }
 
-func (g *generator) typeString(t types.Type) string { return types.TypeString(t, g.qualifier) }
+// typeString writes t as generated code refers to it.
+func (g *generator) typeString(t types.Type) string {
+	s := types.TypeString(t, g.qualifier)
+	if g.shadowed != nil {
+		s = g.shadowed.ReplaceAllString(s, "${1}weft_type_${2}")
+	}
+	return s
+}
 
 // lowerFirst returns s with its first letter in lower case.
 func lowerFirst(s string) string {
@@ -402,10 +436,26 @@ func (g *generator) file(comps []*component) []byte {
 	p("weft module you build with does not support. Regenerate it with the rpcgen of that module:\n")
 	p("\n\tgo run github.com/weftrpc/weft/cmd/rpcgen ./...\n`)\n\n")
 
+	if len(g.aliases) > 0 {
+		p("// Types of this package whose names generated functions use for local variables.\n")
+		for _, name := range g.aliases {
+			p("type weft_type_%s = %s\n", name, name)
+		}
+		p("\n")
+	}
+
 	g.errorRegistrations(&body, codecPkg)
 
+	// Each component's generated names start with its interface's name, lower-cased; two
+	// interfaces that differ only in the case of their first letter get distinct prefixes.
+	taken := map[string]bool{}
 	for _, c := range comps {
-		g.component(&body, c, rt, callPkg, codecPkg, tracePkg, ctxPkg, reflectPkg)
+		prefix := lowerFirst(c.iface.Obj().Name())
+		for i := 2; taken[prefix]; i++ {
+			prefix = fmt.Sprintf("%s%d", lowerFirst(c.iface.Obj().Name()), i)
+		}
+		taken[prefix] = true
+		g.component(&body, c, prefix, rt, callPkg, codecPkg, tracePkg, ctxPkg, reflectPkg)
 	}
 	g.types.emit(&body, codecPkg)
 
@@ -454,14 +504,22 @@ func (g *generator) file(comps []*component) []byte {
 func (g *generator) errorRegistrations(w *bytes.Buffer, codecPkg string) {
 	scope := g.pkg.Types.Scope()
 	errIface := errorType.Underlying().(*types.Interface)
+	initialized := map[*types.Var]bool{}
+	for _, init := range g.pkg.TypesInfo.InitOrder {
+		for _, v := range init.Lhs {
+			initialized[v] = true
+		}
+	}
 	var lines []string
 	for _, name := range scope.Names() {
 		obj := scope.Lookup(name)
 		full := g.pkg.Types.Path() + "." + name
 		switch obj := obj.(type) {
 		case *types.Var:
-			if obj.Exported() && types.Implements(obj.Type(), errIface) && types.Comparable(obj.Type()) {
-				lines = append(lines, fmt.Sprintf("%s.RegisterSentinel(%q, %s)", codecPkg, full, name))
+			// A sentinel is an exported error variable with an initializer; its value when the
+			// package initializes is what travels by name.
+			if obj.Exported() && initialized[obj] && types.Implements(obj.Type(), errIface) && types.Comparable(obj.Type()) {
+				lines = append(lines, fmt.Sprintf("if %s != nil {\n\t\t%s.RegisterSentinel(%q, %s)\n\t}", name, codecPkg, full, name))
 			}
 		case *types.TypeName:
 			named, ok := obj.Type().(*types.Named)
@@ -499,10 +557,10 @@ func (g *generator) errorRegistrations(w *bytes.Buffer, codecPkg string) {
 }
 
 // component generates the registration and stubs of one component.
-func (g *generator) component(w *bytes.Buffer, c *component, rt, callPkg, codecPkg, tracePkg, ctxPkg, reflectPkg string) {
+func (g *generator) component(w *bytes.Buffer, c *component, lname, rt, callPkg, codecPkg, tracePkg, ctxPkg, reflectPkg string) {
 	p := func(format string, args ...any) { fmt.Fprintf(w, format, args...) }
 	iname := c.iface.Obj().Name()
-	lname := lowerFirst(iname)
+	itype := g.typeString(c.iface) // iname, or its alias inside function bodies
 	full := g.pkg.Types.Path() + "/" + iname
 	local, client, server := lname+"_local_stub", lname+"_client_stub", lname+"_add_handlers"
 
@@ -518,9 +576,9 @@ func (g *generator) component(w *bytes.Buffer, c *component, rt, callPkg, codecP
 		names = append(names, fmt.Sprintf("%q", m.Name()))
 	}
 	p("\t\tMethods: []string{%s},\n", strings.Join(names, ", "))
-	p("\t\tLocalStub: func(impl any, tracer %s.Tracer) any {\n\t\t\treturn %s{impl: impl.(%s), tracer: tracer}\n\t\t},\n", tracePkg, local, iname)
+	p("\t\tLocalStub: func(impl any, tracer %s.Tracer) any {\n\t\t\treturn %s{impl: impl.(%s), tracer: tracer}\n\t\t},\n", tracePkg, local, itype)
 	p("\t\tClientStub: func(conn %s.Connection) any { return %s{conn: conn} },\n", callPkg, client)
-	p("\t\tAddHandlers: func(impl any, hm *%s.HandlerMap) { %s(impl.(%s), hm) },\n", callPkg, server, iname)
+	p("\t\tAddHandlers: func(impl any, hm *%s.HandlerMap) { %s(impl.(%s), hm) },\n", callPkg, server, itype)
 	p("\t})\n}\n\n")
 
 	// Keys and signatures.

@@ -39,12 +39,14 @@ func isDuration(t types.Type) bool { return isNamed(t, "time", "Duration") }
 
 var bytesType = types.NewSlice(types.Typ[types.Byte])
 
-// hasMethod reports whether t or *t has a method name with the given parameter and result
-// types.
+// hasMethod reports whether t or *t declares a method name with the given parameter and
+// result types, and whether its receiver is a value.
 func hasMethod(t types.Type, name string, params, results []types.Type) (found, onValue bool) {
-	obj, _, _ := types.LookupFieldOrMethod(t, true, nil, name)
+	obj, index, _ := types.LookupFieldOrMethod(t, true, nil, name)
 	f, ok := obj.(*types.Func)
-	if !ok {
+	if !ok || len(index) != 1 {
+		// Absent, or promoted from an embedded field: a struct that embeds time.Time does
+		// not marshal its other fields by time.Time's MarshalBinary.
 		return false, false
 	}
 	sig := f.Type().(*types.Signature)
@@ -118,6 +120,9 @@ func (s *typeSet) why(t types.Type, stack []types.Type) string {
 			if types.Identical(x, t) {
 				return ""
 			}
+		}
+		if p := u.Obj().Pkg(); p != nil && p != s.g.pkg.Types && !u.Obj().Exported() {
+			return fmt.Sprintf("%s is not exported by its package, so generated code cannot name it", types.TypeString(t, s.g.relative))
 		}
 		why := s.why(u.Underlying(), append(stack, t))
 		if why != "" && stack != nil {
@@ -515,6 +520,9 @@ func (s *typeSet) emit(w *bytes.Buffer, codecPkg string) {
 		if len(pending) == 0 {
 			break
 		}
+		// Generating a body names the types it uses: do it in a fixed order, so that names
+		// (and import names) do not depend on map iteration.
+		sort.Slice(pending, func(i, j int) bool { return key(pending[i].t) < key(pending[j].t) })
 		for _, fn := range pending {
 			enc, dec := s.bodies(fn.t) // may add types to s.fns
 			ts := s.g.typeString(fn.t)
