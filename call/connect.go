@@ -195,11 +195,25 @@ func (c *client) publishLocked() {
 	}
 }
 
+// shardKey is the context key of WithShardKey.
+type shardKey struct{}
+
+// WithShardKey returns a context whose calls through a Connection carry shard key k, unless
+// their CallOptions set one. It lets callers shard calls made through generated stubs.
+func WithShardKey(ctx context.Context, k uint64) context.Context {
+	return context.WithValue(ctx, shardKey{}, k)
+}
+
 // Call implements [Connection].
 func (c *client) Call(ctx context.Context, key MethodKey, args []byte, opts CallOptions) ([]byte, error) {
 	bal := c.opts.Balancer
 	if opts.Balancer != nil {
 		bal = opts.Balancer
+	}
+	if !opts.Sharded {
+		if k, ok := ctx.Value(shardKey{}).(uint64); ok {
+			opts.ShardKey, opts.Sharded = k, true
+		}
 	}
 	resends := 0
 	for {
@@ -354,15 +368,22 @@ func (c *client) resolveLoop() {
 	defer c.wg.Done()
 	var version *resolve.Version
 	failures := 0
-	var last time.Time
+	var spaceUntil time.Time // when the last answer came back at once, the next call waits
 	for {
-		if !last.IsZero() {
-			if !c.sleep(minResolveInterval - time.Since(last)) {
+		if !spaceUntil.IsZero() {
+			if !c.sleep(time.Until(spaceUntil)) {
 				return
 			}
+			spaceUntil = time.Time{}
 		}
-		last = time.Now()
+		start := time.Now()
 		eps, v, err := c.resolver.Resolve(c.ctx, version)
+		if version != nil && time.Since(start) < minResolveInterval {
+			// A versioned Resolve that did not block: the next one waits, so a resolver
+			// that always has something new cannot make the client spin. The first
+			// (unversioned) call, and answers that took a while, cost no delay.
+			spaceUntil = start.Add(minResolveInterval)
+		}
 		if c.ctx.Err() != nil {
 			return
 		}

@@ -20,6 +20,7 @@ package runtime
 import (
 	"fmt"
 	"log/slog"
+	"os"
 	"reflect"
 	"sort"
 	"sync"
@@ -207,4 +208,13 @@ func ResultsError(method string, err error) error {
 // decoded; the caller receives it as a remote failure.
 func ArgsError(method string, err error) error {
 	return fmt.Errorf("weft: decoding the arguments of %s: %w", method, err)
+}
+
+// ReplicaName names the process a component runs in: "group/index" in a replica of a
+// multi-process deployment, "main" otherwise.
+func ReplicaName() string {
+	if name := os.Getenv(childEnv); name != "" {
+		return name
+	}
+	return "main"
 }

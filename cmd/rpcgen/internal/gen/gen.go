@@ -241,6 +241,9 @@ func (g *generator) findComponents() []*component {
 				g.errorf(f.Pos(), "%s: runtime.Implements[%s] must be embedded, not a named field", impl.Obj().Name(), types.TypeString(arg, g.relative))
 				continue
 			}
+			if isNamed(arg, runtimePath, "Main") {
+				continue // the application's main component: the runtime creates it, no stubs
+			}
 			iface, ok := types.Unalias(arg).(*types.Named)
 			if !ok || !types.IsInterface(iface) {
 				g.errorf(f.Pos(), "%s embeds runtime.Implements[%s], but %s is not a named interface", impl.Obj().Name(), types.TypeString(arg, g.relative), types.TypeString(arg, g.relative))

@@ -1,0 +1,476 @@
+package runtime
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/weftrpc/weft/call"
+	"github.com/weftrpc/weft/endpoint"
+	"github.com/weftrpc/weft/resolve"
+)
+
+// Environment of a replica process.
+const (
+	childEnv  = "WEFT_REPLICA" // "group/index"
+	socketEnv = "WEFT_SOCKET"  // the Unix socket the replica serves on
+	planEnv   = "WEFT_PLAN"    // the deployment's groups, as JSON
+)
+
+// A replica reports that it serves by writing readyLine to file descriptor 3. File descriptor
+// 4 is a pipe the deployer never writes to: when it closes, the deployer is gone and the
+// replica stops.
+//
+// Every group's membership is fixed (all its replicas' sockets), so shard keys never move; a
+// replica that restarts is reconnected to by its callers, whose calls wait for it.
+const readyLine = "ready\n"
+
+// interBackoff paces reconnection between a deployment's processes: local sockets come back
+// quickly after a restart.
+var interBackoff = call.Backoff{Base: 50 * time.Millisecond, Max: time.Second}
+
+// startupTimeout bounds how long the deployer waits for every replica to serve at first.
+const startupTimeout = 30 * time.Second
+
+// deployment is the parent side of a multi-process deployment.
+type deployment struct {
+	cfg       Config
+	groups    []*groupState
+	dir       string
+	removeDir bool
+	exe       string
+	ctx       context.Context
+	cancel    context.CancelFunc
+	wg        sync.WaitGroup
+
+	mu    sync.Mutex
+	conns map[string]call.Connection // by group
+}
+
+type groupState struct {
+	Group
+	replicas []*replica
+}
+
+// replica is one process of a group, restarted when it dies.
+type replica struct {
+	d     *deployment
+	g     *groupState
+	index int
+	sock  string
+	ready chan struct{} // closed when the first process serves
+}
+
+func (r *replica) name() string { return fmt.Sprintf("%s/%d", r.g.Name, r.index) }
+
+// startDeployment starts every replica and waits until each serves.
+func startDeployment(ctx context.Context, cfg Config) (*deployment, error) {
+	groups, err := plan(cfg)
+	if err != nil {
+		return nil, err
+	}
+	exe, err := os.Executable()
+	if err != nil {
+		return nil, fmt.Errorf("runtime: finding this program to start replicas: %w", err)
+	}
+	d := &deployment{cfg: cfg, exe: exe, dir: cfg.Dir, conns: map[string]call.Connection{}}
+	if d.dir == "" {
+		if d.dir, err = os.MkdirTemp("", "weft-"); err != nil {
+			return nil, fmt.Errorf("runtime: %w", err)
+		}
+		d.removeDir = true
+	}
+	d.ctx, d.cancel = context.WithCancel(context.WithoutCancel(ctx))
+	for _, g := range groups {
+		gs := &groupState{Group: g}
+		for i := range g.Replicas {
+			sock := filepath.Join(d.dir, fmt.Sprintf("%s-%d.sock", g.Name, i))
+			gs.replicas = append(gs.replicas, &replica{d: d, g: gs, index: i, ready: make(chan struct{}), sock: sock})
+			gs.Sockets = append(gs.Sockets, sock)
+		}
+		d.groups = append(d.groups, gs)
+	}
+	for _, g := range d.groups {
+		for _, r := range g.replicas {
+			d.wg.Add(1)
+			go r.supervise()
+		}
+	}
+	timeout := time.NewTimer(startupTimeout)
+	defer timeout.Stop()
+	for _, g := range d.groups {
+		for _, r := range g.replicas {
+			select {
+			case <-r.ready:
+			case <-ctx.Done():
+				d.stop()
+				return nil, ctx.Err()
+			case <-timeout.C:
+				d.stop()
+				return nil, fmt.Errorf("runtime: replica %s did not start serving within %v", r.name(), startupTimeout)
+			}
+		}
+	}
+	cfg.Logger.Info("weft: deployment ready", "groups", len(d.groups), "dir", d.dir)
+	return d, nil
+}
+
+// remote returns the Connection to the group of reg, which is always remote for the main
+// process.
+func (d *deployment) remote(reg *Registration) (call.Connection, bool, error) {
+	for _, g := range d.groups {
+		if slices.Contains(g.Components, reg.Name) {
+			d.mu.Lock()
+			defer d.mu.Unlock()
+			if c, ok := d.conns[g.Name]; ok {
+				return c, true, nil
+			}
+			c, err := connectGroup(d.ctx, g.Group, d.cfg.Logger)
+			if err != nil {
+				return nil, false, err
+			}
+			d.conns[g.Name] = waiting{c}
+			return d.conns[g.Name], true, nil
+		}
+	}
+	return nil, false, fmt.Errorf("runtime: component %s is in no group", reg.Name)
+}
+
+// stop drains and stops every replica and waits for them.
+func (d *deployment) stop() {
+	d.mu.Lock()
+	for _, c := range d.conns {
+		c.Close()
+	}
+	d.conns = map[string]call.Connection{}
+	d.mu.Unlock()
+	d.cancel()
+	d.wg.Wait()
+	if d.removeDir {
+		os.RemoveAll(d.dir)
+	}
+}
+
+// supervise runs the replica's process, restarting it with backoff when it dies, until the
+// deployment stops.
+func (r *replica) supervise() {
+	defer r.d.wg.Done()
+	log := r.d.cfg.Logger.With("replica", r.name())
+	backoff := call.Backoff{Base: 200 * time.Millisecond, Max: 10 * time.Second}
+	failures := 0
+	for {
+		started := time.Now()
+		err := r.run()
+		if r.d.ctx.Err() != nil {
+			return
+		}
+		if time.Since(started) > 10*time.Second {
+			failures = 0
+		}
+		failures++
+		delay := backoff.Delay(failures)
+		log.Warn("weft: replica exited; restarting", "err", err, "after", delay.Round(time.Millisecond))
+		t := time.NewTimer(delay)
+		select {
+		case <-t.C:
+		case <-r.d.ctx.Done():
+			t.Stop()
+			return
+		}
+	}
+}
+
+// run starts one process of the replica and waits for it to exit.
+func (r *replica) run() error {
+	d := r.d
+	os.Remove(r.sock)
+	plan, _ := json.Marshal(d.planForChild())
+	readyR, readyW, err := os.Pipe()
+	if err != nil {
+		return err
+	}
+	lifeR, lifeW, err := os.Pipe()
+	if err != nil {
+		readyR.Close()
+		readyW.Close()
+		return err
+	}
+	cmd := exec.Command(d.exe, os.Args[1:]...)
+	cmd.Env = append(os.Environ(), childEnv+"="+r.name(), socketEnv+"="+r.sock, planEnv+"="+string(plan))
+	cmd.ExtraFiles = []*os.File{readyW, lifeR}
+	stdout, _ := cmd.StdoutPipe()
+	stderr, _ := cmd.StderrPipe()
+	if err := cmd.Start(); err != nil {
+		readyR.Close()
+		readyW.Close()
+		lifeR.Close()
+		lifeW.Close()
+		return fmt.Errorf("starting %s: %w", r.name(), err)
+	}
+	readyW.Close()
+	lifeR.Close()
+	defer lifeW.Close()
+	var copies sync.WaitGroup
+	copies.Add(2)
+	go func() { defer copies.Done(); prefixLines(os.Stdout, stdout, r.name()) }()
+	go func() { defer copies.Done(); prefixLines(os.Stderr, stderr, r.name()) }()
+
+	readyCh := make(chan bool, 1)
+	go func() {
+		b, err := bufio.NewReader(readyR).ReadString('\n')
+		readyCh <- err == nil && b == readyLine
+		readyR.Close()
+	}()
+	exited := make(chan error, 1)
+	go func() {
+		copies.Wait() // Wait must not close the pipes before their last lines are copied
+		exited <- cmd.Wait()
+	}()
+
+	var exitErr error
+	select {
+	case ok := <-readyCh:
+		if ok {
+			select {
+			case <-r.ready:
+			default:
+				close(r.ready)
+			}
+			select {
+			case exitErr = <-exited:
+			case <-d.ctx.Done():
+				exitErr = r.terminate(cmd, exited)
+			}
+		} else {
+			select {
+			case exitErr = <-exited:
+			case <-d.ctx.Done():
+				exitErr = r.terminate(cmd, exited)
+			}
+		}
+	case exitErr = <-exited:
+	case <-d.ctx.Done():
+		exitErr = r.terminate(cmd, exited)
+	}
+	if exitErr == nil {
+		exitErr = fmt.Errorf("replica %s exited", r.name())
+	}
+	return exitErr
+}
+
+// terminate asks the process to drain and stop, and kills it if it does not in time.
+func (r *replica) terminate(cmd *exec.Cmd, exited <-chan error) error {
+	cmd.Process.Signal(syscall.SIGTERM)
+	t := time.NewTimer(r.d.cfg.DrainTimeout + 5*time.Second)
+	defer t.Stop()
+	select {
+	case err := <-exited:
+		return err
+	case <-t.C:
+		cmd.Process.Kill()
+		return <-exited
+	}
+}
+
+// connectGroup returns a Connection to every replica of g. It connects on its first call, so
+// that replicas that start together do not dial each other before they listen.
+func connectGroup(ctx context.Context, g Group, logger *slog.Logger) (call.Connection, error) {
+	var eps []endpoint.Endpoint
+	for _, s := range g.Sockets {
+		eps = append(eps, endpoint.Unix(s))
+	}
+	opts := call.ClientOptions{Balancer: groupBalancer(g), Logger: logger, Backoff: interBackoff}
+	return &lazyConn{connect: func() (call.Connection, error) {
+		return call.Connect(ctx, resolve.Constant(eps...), opts)
+	}}, nil
+}
+
+// lazyConn connects on its first call.
+type lazyConn struct {
+	connect func() (call.Connection, error)
+
+	mu     sync.Mutex
+	conn   call.Connection
+	err    error
+	closed bool
+}
+
+func (l *lazyConn) get() (call.Connection, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.closed {
+		return nil, call.ErrClosed
+	}
+	if l.conn == nil && l.err == nil {
+		l.conn, l.err = l.connect()
+	}
+	return l.conn, l.err
+}
+
+func (l *lazyConn) Call(ctx context.Context, key call.MethodKey, args []byte, opts call.CallOptions) ([]byte, error) {
+	c, err := l.get()
+	if err != nil {
+		return nil, err
+	}
+	return c.Call(ctx, key, args, opts)
+}
+
+func (l *lazyConn) Close() {
+	l.mu.Lock()
+	c := l.conn
+	l.closed = true
+	l.mu.Unlock()
+	if c != nil {
+		c.Close()
+	}
+}
+
+// waiting is a Connection between components: its calls wait for a replica of the callee's
+// group to be ready (while one restarts, or before the first one serves), up to the caller's
+// deadline, instead of failing at once.
+type waiting struct{ call.Connection }
+
+func (w waiting) Call(ctx context.Context, key call.MethodKey, args []byte, opts call.CallOptions) ([]byte, error) {
+	opts.WaitForReady = true
+	return w.Connection.Call(ctx, key, args, opts)
+}
+
+// childPlan is what a replica is told about the deployment.
+type childPlan struct {
+	Groups []Group
+}
+
+func (d *deployment) planForChild() childPlan {
+	var p childPlan
+	for _, g := range d.groups {
+		p.Groups = append(p.Groups, g.Group)
+	}
+	return p
+}
+
+// prefixLines copies lines from r to w, each prefixed with "[name] ".
+func prefixLines(w io.Writer, r io.Reader, name string) {
+	sc := bufio.NewScanner(r)
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	prefix := "[" + name + "] "
+	for sc.Scan() {
+		fmt.Fprintf(w, "%s%s\n", prefix, sc.Text())
+	}
+	io.Copy(io.Discard, r)
+}
+
+// runChild serves the components of this process's group until it is told to stop, then
+// exits the process.
+func runChild(ctx context.Context, cfg Config) error {
+	name, sock := os.Getenv(childEnv), os.Getenv(socketEnv)
+	var p childPlan
+	if err := json.Unmarshal([]byte(os.Getenv(planEnv)), &p); err != nil {
+		return fmt.Errorf("runtime: replica %s: bad plan: %w", name, err)
+	}
+	group, _, _ := strings.Cut(name, "/")
+	logger := cfg.Logger
+	ctx, stop := signalContext(ctx)
+	defer stop()
+
+	ready := os.NewFile(3, "weft-ready")
+	lifeline := os.NewFile(4, "weft-lifeline")
+	if ready == nil || lifeline == nil {
+		return fmt.Errorf("runtime: replica %s started without its pipes", name)
+	}
+
+	// Connections to the other groups.
+	conns := map[string]call.Connection{}
+	var mine Group
+	for _, g := range p.Groups {
+		if g.Name == group {
+			mine = g
+		}
+	}
+	var connsMu sync.Mutex
+	defer func() {
+		connsMu.Lock()
+		defer connsMu.Unlock()
+		for _, c := range conns {
+			c.Close()
+		}
+	}()
+	remote := func(reg *Registration) (call.Connection, bool, error) {
+		for _, g := range p.Groups {
+			if !slices.Contains(g.Components, reg.Name) {
+				continue
+			}
+			if g.Name == group {
+				return nil, false, nil
+			}
+			connsMu.Lock()
+			defer connsMu.Unlock()
+			if c, ok := conns[g.Name]; ok {
+				return c, true, nil
+			}
+			c, err := connectGroup(ctx, g, logger)
+			if err != nil {
+				return nil, false, err
+			}
+			conns[g.Name] = waiting{c}
+			return conns[g.Name], true, nil
+		}
+		return nil, false, fmt.Errorf("component %s is in no group", reg.Name)
+	}
+	parentGone := make(chan struct{})
+	go func() {
+		defer close(parentGone)
+		io.Copy(io.Discard, lifeline) // returns when the deployer's end closes
+	}()
+
+	w := newWiring(cfg, remote)
+	var hm call.HandlerMap
+	for _, c := range mine.Components {
+		reg, _ := lookupName(c)
+		w.mu.Lock()
+		impl, err := w.createLocked(reg)
+		if err == nil {
+			w.comps[reg.Iface] = reg.LocalStub(impl, cfg.Tracer)
+		}
+		w.mu.Unlock()
+		if err != nil {
+			return fmt.Errorf("runtime: replica %s: %w", name, err)
+		}
+		reg.AddHandlers(impl, &hm)
+	}
+	l, err := listenUnix(sock)
+	if err != nil {
+		return fmt.Errorf("runtime: replica %s: %w", name, err)
+	}
+	serveCtx, stopServing := context.WithCancel(context.Background())
+	defer stopServing()
+	served := make(chan error, 1)
+	go func() {
+		served <- call.Serve(serveCtx, call.NetListener(l, &hm), call.ServerOptions{Logger: logger, DrainTimeout: cfg.DrainTimeout, Tracer: cfg.Tracer})
+	}()
+	ready.WriteString(readyLine)
+	ready.Close()
+	logger.Info("weft: replica serving", slog.String("replica", name), slog.String("socket", sock))
+
+	select {
+	case <-ctx.Done():
+	case <-parentGone:
+	case err := <-served:
+		return fmt.Errorf("runtime: replica %s: %w", name, err)
+	}
+	stopServing() // drains: go-away, calls in flight finish
+	<-served
+	w.close()
+	os.Exit(0)
+	return nil
+}
