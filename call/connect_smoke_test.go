@@ -169,3 +169,51 @@ func TestConnectMembersReportLoad(t *testing.T) {
 		})
 	}
 }
+
+// TestConnectWithShardKey checks that a shard key carried by the context routes calls like
+// CallOptions.ShardKey does, and that CallOptions win over the context.
+func TestConnectWithShardKey(t *testing.T) {
+	for _, tr := range cbTransports("tcp", "unix", "mtls") {
+		t.Run(tr.Name, func(t *testing.T) {
+			ctx := cbCtx(t, 20*time.Second)
+			var eps []endpoint.Endpoint
+			for _, name := range []string{"a", "b", "c"} {
+				l, ep := tr.Listen(t)
+				var hm call.HandlerMap
+				hm.Set(cbComponent, "Name", func(context.Context, []byte) ([]byte, error) { return []byte(name), nil })
+				cbServe(t, l, &hm, call.ServerOptions{})
+				eps = append(eps, ep)
+			}
+			conn, err := call.Connect(ctx, resolve.Constant(eps...), call.ClientOptions{Logger: cbQuiet, Balancer: balance.Sharded()})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close()
+			ctWaitStatus(t, conn, "three ready endpoints", func(st call.ConnectionStatus) bool { return ctCount(st, call.EndpointReady) == 3 })
+			owner := map[uint64]string{}
+			for k := range uint64(6) {
+				for range 3 {
+					out, err := conn.Call(call.WithShardKey(ctx, k), cbKey("Name"), nil, call.CallOptions{})
+					if err != nil {
+						t.Fatal(err)
+					}
+					if prev, ok := owner[k]; ok && prev != string(out) {
+						t.Fatalf("key %d reached %s and %s", k, prev, out)
+					}
+					owner[k] = string(out)
+				}
+				// Keys k and k+3 share an owner; the options' key overrides the context's.
+				out, err := conn.Call(call.WithShardKey(ctx, k+1), cbKey("Name"), nil, call.CallOptions{Sharded: true, ShardKey: k + 3})
+				if err != nil {
+					t.Fatal(err)
+				}
+				if string(out) != owner[k] {
+					t.Errorf("CallOptions key %d reached %s, want the owner of key %d, %s", k+3, out, k, owner[k])
+				}
+			}
+			if owner[0] == owner[1] || owner[1] == owner[2] || owner[0] == owner[2] {
+				t.Errorf("keys 0, 1, 2 reached %s, %s, %s; want three different servers", owner[0], owner[1], owner[2])
+			}
+		})
+	}
+}
