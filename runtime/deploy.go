@@ -65,11 +65,18 @@ type groupState struct {
 
 // replica is one process of a group, restarted when it dies.
 type replica struct {
-	d     *deployment
-	g     *groupState
-	index int
-	sock  string
-	ready chan struct{} // closed when the first process serves
+	d         *deployment
+	g         *groupState
+	index     int
+	sock      string
+	ready     chan struct{} // closed when the first process serves
+	readyOnce sync.Once
+
+	mu       sync.Mutex
+	pid      int    // the current process, or 0
+	state    string // starting, serving, exited
+	restarts int
+	lastExit string // why the last process exited
 }
 
 func (r *replica) name() string { return fmt.Sprintf("%s/%d", r.g.Name, r.index) }
@@ -238,35 +245,44 @@ func (r *replica) run() error {
 		exited <- cmd.Wait()
 	}()
 
+	r.setState(cmd.Process.Pid, "starting")
 	var exitErr error
-	select {
-	case ok := <-readyCh:
-		if ok {
-			select {
-			case <-r.ready:
-			default:
-				close(r.ready)
+	stopping := d.ctx.Done()
+	for done := false; !done; {
+		select {
+		case ok := <-readyCh:
+			readyCh = nil
+			if ok {
+				r.setState(cmd.Process.Pid, "serving")
+				r.readyOnce.Do(func() { close(r.ready) })
 			}
-			select {
-			case exitErr = <-exited:
-			case <-d.ctx.Done():
-				exitErr = r.terminate(cmd, exited)
-			}
-		} else {
-			select {
-			case exitErr = <-exited:
-			case <-d.ctx.Done():
-				exitErr = r.terminate(cmd, exited)
-			}
+		case exitErr = <-exited:
+			done = true
+		case <-stopping:
+			exitErr = r.terminate(cmd, exited)
+			done = true
 		}
-	case exitErr = <-exited:
-	case <-d.ctx.Done():
-		exitErr = r.terminate(cmd, exited)
+	}
+	if readyCh != nil {
+		<-readyCh // the pipe reports EOF now that the process is gone
 	}
 	if exitErr == nil {
 		exitErr = fmt.Errorf("replica %s exited", r.name())
 	}
+	r.mu.Lock()
+	r.pid, r.state, r.lastExit = 0, "exited", exitErr.Error()
+	r.mu.Unlock()
 	return exitErr
+}
+
+// setState records the replica's process and state for the diagnostics page.
+func (r *replica) setState(pid int, state string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if state == "starting" && r.pid != 0 || state == "starting" && r.lastExit != "" {
+		r.restarts++
+	}
+	r.pid, r.state = pid, state
 }
 
 // terminate asks the process to drain and stop, and kills it if it does not in time.

@@ -60,6 +60,10 @@ type Config struct {
 	// DrainTimeout bounds how long replicas finish calls in flight when the application stops.
 	// If zero, 10s.
 	DrainTimeout time.Duration
+
+	// Diagnostics, if not empty, is the TCP address ("127.0.0.1:0" picks a port) on which the
+	// main process serves the diagnostics page at DiagnosticsPath; see [DiagnosticsURL].
+	Diagnostics string
 }
 
 // Group is a set of components deployed together.
@@ -100,19 +104,33 @@ func Run[T any](ctx context.Context, cfg Config, app func(context.Context, *T) e
 		return fmt.Errorf("runtime: %v does not embed runtime.Implements[runtime.Main]", reflect.TypeFor[T]())
 	}
 	var w *wiring
+	var d *deployment
+	mode := "single"
 	if cfg.Multi {
-		d, err := startDeployment(ctx, cfg)
-		if err != nil {
+		var err error
+		if d, err = startDeployment(ctx, cfg); err != nil {
 			return err
 		}
 		defer d.stop()
 		w = newWiring(cfg, d.remote)
+		mode = "multi"
 	} else {
 		w = newWiring(cfg, nil)
 	}
 	defer w.close()
 	if err := Fill(main, cfg.Logger.With("component", "main"), w.get); err != nil {
 		return err
+	}
+	if cfg.Diagnostics != "" {
+		dctx, stop := context.WithCancel(ctx)
+		var wg sync.WaitGroup
+		defer wg.Wait()
+		defer stop()
+		url, err := serveDiagnostics(dctx, cfg.Diagnostics, &diag{started: time.Now(), mode: mode, w: w, d: d}, &wg)
+		if err != nil {
+			return err
+		}
+		cfg.Logger.Info("weft: diagnostics page", "url", url)
 	}
 	return app(ctx, main)
 }
@@ -137,13 +155,14 @@ type wiring struct {
 	remote func(reg *Registration) (call.Connection, bool, error)
 
 	mu    sync.Mutex
-	comps map[reflect.Type]any // interface -> stub
-	impls []any                // local implementations, in creation order
+	comps map[reflect.Type]any  // interface -> stub
+	local map[reflect.Type]bool // the components created in this process
+	impls []any                 // local implementations, in creation order
 	busy  map[reflect.Type]bool
 }
 
 func newWiring(cfg Config, remote func(*Registration) (call.Connection, bool, error)) *wiring {
-	return &wiring{cfg: cfg, remote: remote, comps: map[reflect.Type]any{}, busy: map[reflect.Type]bool{}}
+	return &wiring{cfg: cfg, remote: remote, comps: map[reflect.Type]any{}, local: map[reflect.Type]bool{}, busy: map[reflect.Type]bool{}}
 }
 
 // get returns the component with interface iface, creating it if needed.
@@ -200,6 +219,7 @@ func (w *wiring) createLocked(reg *Registration) (any, error) {
 		}
 	}
 	w.impls = append(w.impls, impl)
+	w.local[reg.Iface] = true
 	return impl, nil
 }
 

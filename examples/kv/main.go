@@ -12,11 +12,13 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
 	"log"
 	"log/slog"
+	"net/http"
 	"os"
 	"os/signal"
 	"syscall"
@@ -40,8 +42,9 @@ func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	cfg := runtime.Config{
-		Multi:  !*single,
-		Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
+		Multi:       !*single,
+		Diagnostics: "127.0.0.1:0",
+		Logger:      slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
 		Groups: []runtime.Group{
 			{Name: "store", Components: []string{pkg + "Store"}, Replicas: 3, Sharded: true},
 			{Name: "frontend", Components: []string{pkg + "Frontend"}},
@@ -57,7 +60,7 @@ func run(ctx context.Context, a *app) error {
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	front := a.front.Get()
-	fmt.Printf("main runs in %q\n", runtime.ReplicaName())
+	fmt.Printf("main runs in %q; diagnostics page: %s\n", runtime.ReplicaName(), runtime.DiagnosticsURL())
 
 	keys := []string{"apple", "banana", "cherry", "date", "elderberry", "fig", "grape", "honeydew", "kiwi"}
 	for i, k := range keys {
@@ -99,6 +102,39 @@ func run(ctx context.Context, a *app) error {
 	for _, op := range sortedKeys(counts) {
 		fmt.Printf("audit: %d %s\n", counts[op], op)
 	}
+	if err := printDiagnostics(ctx); err != nil {
+		return err
+	}
 	fmt.Println("done")
+	return nil
+}
+
+// printDiagnostics reads the diagnostics page as JSON and prints what it says about replicas
+// and channels.
+func printDiagnostics(ctx context.Context) error {
+	req, err := http.NewRequestWithContext(ctx, "GET", runtime.DiagnosticsURL()+"?format=json", nil)
+	if err != nil {
+		return err
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	var d runtime.Diagnostics
+	if err := json.NewDecoder(resp.Body).Decode(&d); err != nil {
+		return fmt.Errorf("diagnostics page: %w", err)
+	}
+	fmt.Printf("diagnostics: %d components, %s-process mode\n", len(d.Components), d.Mode)
+	for _, g := range d.Groups {
+		for _, r := range g.Replicas {
+			fmt.Printf("diagnostics: replica %s is %s (pid %d)\n", r.Name, r.State, r.PID)
+		}
+	}
+	for _, ch := range d.Channels {
+		for _, e := range ch.Endpoints {
+			fmt.Printf("diagnostics: main -> %s: %s %s\n", ch.Group, e.Address, e.State)
+		}
+	}
 	return nil
 }

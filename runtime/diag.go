@@ -1,0 +1,227 @@
+package runtime
+
+import (
+	"cmp"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"html/template"
+	"net"
+	"net/http"
+	"os"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/weftrpc/weft/call"
+)
+
+// DiagnosticsPath is where the diagnostics page is served.
+const DiagnosticsPath = "/debug/weft"
+
+// Diagnostics describes a running application as the diagnostics page shows it: in HTML for a
+// person, or in JSON (with ?format=json or Accept: application/json) for a program. It never
+// contains call metadata, payloads or credentials.
+type Diagnostics struct {
+	Process    string              `json:"process"` // "main", or a replica's "group/index"
+	PID        int                 `json:"pid"`
+	Mode       string              `json:"mode"` // "single" or "multi"
+	Started    time.Time           `json:"started"`
+	Components []ComponentInfo     `json:"components"`
+	Groups     []GroupInfo         `json:"groups,omitempty"`
+	Channels   []ChannelDiagnostic `json:"channels,omitempty"`
+}
+
+// ComponentInfo is one component as a process sees it.
+type ComponentInfo struct {
+	Name  string `json:"name"`
+	Group string `json:"group,omitempty"`
+	Where string `json:"where"` // "local" (created in this process) or "remote"
+}
+
+// GroupInfo is a group of a multi-process deployment with its replicas.
+type GroupInfo struct {
+	Name       string        `json:"name"`
+	Components []string      `json:"components"`
+	Sharded    bool          `json:"sharded"`
+	Replicas   []ReplicaInfo `json:"replicas"`
+}
+
+// ReplicaInfo is one replica of a group.
+type ReplicaInfo struct {
+	Name     string `json:"name"`
+	Socket   string `json:"socket"`
+	PID      int    `json:"pid,omitempty"`
+	State    string `json:"state"` // starting, serving, exited
+	Restarts int    `json:"restarts"`
+	LastExit string `json:"last_exit,omitempty"`
+}
+
+// ChannelDiagnostic is this process's Connection to a group: its endpoints' states, calls in
+// flight, reported loads and last errors.
+type ChannelDiagnostic struct {
+	Group     string          `json:"group"`
+	Connected bool            `json:"connected"` // false until the first call
+	Endpoints []EndpointState `json:"endpoints,omitempty"`
+}
+
+// EndpointState is one endpoint of a channel.
+type EndpointState struct {
+	Address  string  `json:"address"`
+	State    string  `json:"state"`
+	InFlight int     `json:"in_flight"`
+	Load     float64 `json:"load"`
+	Error    string  `json:"error,omitempty"`
+}
+
+// diag gathers what the diagnostics page shows.
+type diag struct {
+	started time.Time
+	mode    string
+	w       *wiring
+	d       *deployment // nil in single-process mode
+}
+
+var current struct {
+	sync.Mutex
+	url string
+}
+
+// DiagnosticsURL returns the address of the running application's diagnostics page, or "" if
+// it serves none (Config.Diagnostics is empty) or is not running.
+func DiagnosticsURL() string {
+	current.Lock()
+	defer current.Unlock()
+	return current.url
+}
+
+// snapshot describes the process now.
+func (g *diag) snapshot() Diagnostics {
+	out := Diagnostics{Process: ReplicaName(), PID: os.Getpid(), Mode: g.mode, Started: g.started}
+	groupOf := map[string]string{}
+	if g.d != nil {
+		for _, gs := range g.d.groups {
+			gi := GroupInfo{Name: gs.Name, Components: gs.Components, Sharded: gs.Sharded}
+			for _, c := range gs.Components {
+				groupOf[c] = gs.Name
+			}
+			for _, r := range gs.replicas {
+				r.mu.Lock()
+				gi.Replicas = append(gi.Replicas, ReplicaInfo{Name: r.name(), Socket: r.sock, PID: r.pid, State: cmp.Or(r.state, "starting"), Restarts: r.restarts, LastExit: r.lastExit})
+				r.mu.Unlock()
+			}
+			out.Groups = append(out.Groups, gi)
+		}
+		g.d.mu.Lock()
+		for _, gs := range g.d.groups {
+			ch := ChannelDiagnostic{Group: gs.Name}
+			if w, ok := g.d.conns[gs.Name].(waiting); ok {
+				if l, ok := w.Connection.(*lazyConn); ok {
+					l.mu.Lock()
+					conn := l.conn
+					l.mu.Unlock()
+					if in, ok := conn.(call.Inspectable); ok {
+						ch.Connected = true
+						for _, e := range in.Status().Endpoints {
+							es := EndpointState{Address: e.Address, State: e.State.String(), InFlight: e.InFlight, Load: e.Load}
+							if e.Err != nil {
+								es.Error = e.Err.Error()
+							}
+							ch.Endpoints = append(ch.Endpoints, es)
+						}
+					}
+				}
+			}
+			out.Channels = append(out.Channels, ch)
+		}
+		g.d.mu.Unlock()
+	}
+	g.w.mu.Lock()
+	for iface := range g.w.comps {
+		reg, ok := lookupType(iface)
+		if !ok {
+			continue
+		}
+		where := "remote"
+		if g.w.local[iface] {
+			where = "local"
+		}
+		out.Components = append(out.Components, ComponentInfo{Name: reg.Name, Group: groupOf[reg.Name], Where: where})
+	}
+	g.w.mu.Unlock()
+	slices.SortFunc(out.Components, func(a, b ComponentInfo) int { return cmp.Compare(a.Name, b.Name) })
+	return out
+}
+
+// ServeHTTP serves the diagnostics page.
+func (g *diag) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	snap := g.snapshot()
+	if r.URL.Query().Get("format") == "json" || strings.Contains(r.Header.Get("Accept"), "application/json") {
+		w.Header().Set("Content-Type", "application/json")
+		enc := json.NewEncoder(w)
+		enc.SetIndent("", "  ")
+		enc.Encode(snap)
+		return
+	}
+	w.Header().Set("Content-Type", "text/html; charset=utf-8")
+	if err := pageTemplate.Execute(w, snap); err != nil {
+		http.Error(w, "rendering the page failed", http.StatusInternalServerError)
+	}
+}
+
+var pageTemplate = template.Must(template.New("weft").Parse(`<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>weft: {{.Process}}</title>
+<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin-bottom:1.5em}
+th,td{border:1px solid #ccc;padding:4px 8px;text-align:left}th{background:#eee}</style></head>
+<body><h1>weft: {{.Process}}</h1>
+<p>pid {{.PID}}, {{.Mode}}-process mode, started {{.Started.Format "2006-01-02 15:04:05 MST"}}. <a href="?format=json">JSON</a></p>
+<h2>Components</h2>
+<table><tr><th>component</th><th>group</th><th>where</th></tr>
+{{range .Components}}<tr><td>{{.Name}}</td><td>{{.Group}}</td><td>{{.Where}}</td></tr>
+{{end}}</table>
+{{if .Groups}}<h2>Groups and replicas</h2>
+<table><tr><th>replica</th><th>state</th><th>pid</th><th>restarts</th><th>last exit</th><th>socket</th></tr>
+{{range .Groups}}{{range .Replicas}}<tr><td>{{.Name}}</td><td>{{.State}}</td><td>{{.PID}}</td><td>{{.Restarts}}</td><td>{{.LastExit}}</td><td>{{.Socket}}</td></tr>
+{{end}}{{end}}</table>{{end}}
+{{if .Channels}}<h2>Channels</h2>
+<table><tr><th>group</th><th>endpoint</th><th>state</th><th>in flight</th><th>load</th><th>error</th></tr>
+{{range .Channels}}{{$g := .Group}}{{if .Connected}}{{range .Endpoints}}<tr><td>{{$g}}</td><td>{{.Address}}</td><td>{{.State}}</td><td>{{.InFlight}}</td><td>{{.Load}}</td><td>{{.Error}}</td></tr>
+{{end}}{{else}}<tr><td>{{$g}}</td><td colspan="5">not connected yet</td></tr>
+{{end}}{{end}}</table>{{end}}
+</body></html>
+`))
+
+// serveDiagnostics serves the diagnostics page on addr until ctx is done, and returns its URL.
+func serveDiagnostics(ctx context.Context, addr string, g *diag, wg *sync.WaitGroup) (string, error) {
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		return "", fmt.Errorf("runtime: diagnostics page: %w", err)
+	}
+	mux := http.NewServeMux()
+	mux.Handle(DiagnosticsPath, g)
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	url := "http://" + l.Addr().String() + DiagnosticsPath
+	current.Lock()
+	current.url = url
+	current.Unlock()
+	wg.Add(2)
+	go func() {
+		defer wg.Done()
+		if err := srv.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			g.w.cfg.Logger.Warn("weft: diagnostics page stopped", "err", err)
+		}
+	}()
+	go func() {
+		defer wg.Done()
+		<-ctx.Done()
+		current.Lock()
+		current.url = ""
+		current.Unlock()
+		shut, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		srv.Shutdown(shut)
+	}()
+	return url, nil
+}
