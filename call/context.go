@@ -29,13 +29,41 @@ func outgoingMetadata(ctx context.Context) Metadata {
 	return md
 }
 
-// IncomingMetadata returns the metadata the caller attached to the call a handler is running,
-// or nil. The handler must not modify it.
+// IncomingMetadata returns the metadata the caller attached to the call a handler is running
+// (or, in a context from [LocalContext], to the local call), or nil. The handler must not
+// modify it.
 func IncomingMetadata(ctx context.Context) Metadata {
 	if sc := serverCallFrom(ctx); sc != nil {
 		return sc.md
 	}
-	return nil
+	md, _ := ctx.Value(localMetadataKey{}).(Metadata)
+	return md
+}
+
+type localMetadataKey struct{}
+
+// LocalContext returns the context for a call made within the process (a generated local
+// stub's call), so that the callee sees what it would across a connection: its
+// IncomingMetadata is the metadata ctx would have sent, and ctx's outgoing metadata and shard
+// key do not carry into the callee's own calls. Deadline, cancellation, values and trace
+// context carry as they are.
+func LocalContext(ctx context.Context) context.Context {
+	return &localCall{Context: ctx, md: outgoingMetadata(ctx)}
+}
+
+type localCall struct {
+	context.Context
+	md Metadata
+}
+
+func (c *localCall) Value(key any) any {
+	switch key.(type) {
+	case localMetadataKey:
+		return c.md
+	case outgoingMetadataKey, shardKey, serverCallKey:
+		return nil // not carried across a call, as over a connection
+	}
+	return c.Context.Value(key)
 }
 
 // Peer describes the other end of a server connection.

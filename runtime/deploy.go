@@ -36,12 +36,18 @@ const (
 // replica that restarts is reconnected to by its callers, whose calls wait for it.
 const readyLine = "ready\n"
 
+// failedPrefix starts the line a replica writes instead of readyLine when it cannot start.
+const failedPrefix = "failed: "
+
 // interBackoff paces reconnection between a deployment's processes: local sockets come back
 // quickly after a restart.
 var interBackoff = call.Backoff{Base: 50 * time.Millisecond, Max: time.Second}
 
 // startupTimeout bounds how long the deployer waits for every replica to serve at first.
 const startupTimeout = 30 * time.Second
+
+// maxSocketPath is the longest Unix socket path every platform accepts.
+const maxSocketPath = 103
 
 // deployment is the parent side of a multi-process deployment.
 type deployment struct {
@@ -50,7 +56,8 @@ type deployment struct {
 	dir       string
 	removeDir bool
 	exe       string
-	ctx       context.Context
+	ctx       context.Context // replicas' lifetime: until stop
+	runCtx    context.Context // Run's: once done, no restarts
 	cancel    context.CancelFunc
 	wg        sync.WaitGroup
 
@@ -71,6 +78,7 @@ type replica struct {
 	sock      string
 	ready     chan struct{} // closed when the first process serves
 	readyOnce sync.Once
+	failed    chan string // a process's start failure, before any served (buffer 1)
 
 	mu       sync.Mutex
 	pid      int    // the current process, or 0
@@ -98,12 +106,21 @@ func startDeployment(ctx context.Context, cfg Config) (*deployment, error) {
 		}
 		d.removeDir = true
 	}
+	// Replicas outlive ctx until stop: the application may still be finishing calls. But once
+	// ctx is done, replicas that exit are not restarted.
 	d.ctx, d.cancel = context.WithCancel(context.WithoutCancel(ctx))
+	d.runCtx = ctx
 	for _, g := range groups {
 		gs := &groupState{Group: g}
 		for i := range g.Replicas {
 			sock := filepath.Join(d.dir, fmt.Sprintf("%s-%d.sock", g.Name, i))
-			gs.replicas = append(gs.replicas, &replica{d: d, g: gs, index: i, ready: make(chan struct{}), sock: sock})
+			if len(sock) > maxSocketPath {
+				if d.removeDir {
+					os.RemoveAll(d.dir)
+				}
+				return nil, fmt.Errorf("runtime: socket path %q is longer than the %d bytes Unix sockets allow; use a shorter Config.Dir (or TMPDIR) or group name", sock, maxSocketPath)
+			}
+			gs.replicas = append(gs.replicas, &replica{d: d, g: gs, index: i, ready: make(chan struct{}), failed: make(chan string, 1), sock: sock})
 			gs.Sockets = append(gs.Sockets, sock)
 		}
 		d.groups = append(d.groups, gs)
@@ -120,6 +137,9 @@ func startDeployment(ctx context.Context, cfg Config) (*deployment, error) {
 		for _, r := range g.replicas {
 			select {
 			case <-r.ready:
+			case msg := <-r.failed:
+				d.stop()
+				return nil, fmt.Errorf("runtime: replica %s failed to start: %s", r.name(), msg)
 			case <-ctx.Done():
 				d.stop()
 				return nil, ctx.Err()
@@ -179,8 +199,8 @@ func (r *replica) supervise() {
 	for {
 		started := time.Now()
 		err := r.run()
-		if r.d.ctx.Err() != nil {
-			return
+		if r.d.ctx.Err() != nil || r.d.runCtx.Err() != nil {
+			return // stopping: a replica that exits now is not restarted
 		}
 		if time.Since(started) > 10*time.Second {
 			failures = 0
@@ -233,10 +253,10 @@ func (r *replica) run() error {
 	go func() { defer copies.Done(); prefixLines(os.Stdout, stdout, r.name()) }()
 	go func() { defer copies.Done(); prefixLines(os.Stderr, stderr, r.name()) }()
 
-	readyCh := make(chan bool, 1)
+	readyCh := make(chan string, 1)
 	go func() {
-		b, err := bufio.NewReader(readyR).ReadString('\n')
-		readyCh <- err == nil && b == readyLine
+		b, _ := bufio.NewReader(readyR).ReadString('\n')
+		readyCh <- b
 		readyR.Close()
 	}()
 	exited := make(chan error, 1)
@@ -250,11 +270,16 @@ func (r *replica) run() error {
 	stopping := d.ctx.Done()
 	for done := false; !done; {
 		select {
-		case ok := <-readyCh:
+		case line := <-readyCh:
 			readyCh = nil
-			if ok {
+			if line == readyLine {
 				r.setState(cmd.Process.Pid, "serving")
 				r.readyOnce.Do(func() { close(r.ready) })
+			} else if msg, ok := strings.CutPrefix(line, failedPrefix); ok {
+				select {
+				case r.failed <- strings.TrimSpace(msg):
+				default:
+				}
 			}
 		case exitErr = <-exited:
 			done = true
@@ -375,35 +400,58 @@ func (d *deployment) planForChild() childPlan {
 	return p
 }
 
-// prefixLines copies lines from r to w, each prefixed with "[name] ".
+// prefixLines copies lines from r to w, each prefixed with "[name] ". A line longer than the
+// buffer is copied in pieces (other writers' lines may come between them), never dropped.
 func prefixLines(w io.Writer, r io.Reader, name string) {
-	sc := bufio.NewScanner(r)
-	sc.Buffer(make([]byte, 64<<10), 1<<20)
-	prefix := "[" + name + "] "
-	for sc.Scan() {
-		fmt.Fprintf(w, "%s%s\n", prefix, sc.Text())
+	br := bufio.NewReaderSize(r, 64<<10)
+	prefix := []byte("[" + name + "] ")
+	start := true
+	for {
+		chunk, err := br.ReadSlice('\n')
+		if len(chunk) > 0 {
+			if start {
+				w.Write(append(prefix[:len(prefix):len(prefix)], chunk...))
+			} else {
+				w.Write(chunk)
+			}
+			start = chunk[len(chunk)-1] == '\n'
+		}
+		if err == bufio.ErrBufferFull {
+			continue
+		}
+		if err != nil {
+			if !start {
+				w.Write([]byte("\n"))
+			}
+			return
+		}
 	}
-	io.Copy(io.Discard, r)
 }
 
 // runChild serves the components of this process's group until it is told to stop, then
 // exits the process.
 func runChild(ctx context.Context, cfg Config) error {
 	name, sock := os.Getenv(childEnv), os.Getenv(socketEnv)
-	var p childPlan
-	if err := json.Unmarshal([]byte(os.Getenv(planEnv)), &p); err != nil {
-		return fmt.Errorf("runtime: replica %s: bad plan: %w", name, err)
-	}
-	group, _, _ := strings.Cut(name, "/")
-	logger := cfg.Logger
-	ctx, stop := signalContext(ctx)
-	defer stop()
-
 	ready := os.NewFile(3, "weft-ready")
 	lifeline := os.NewFile(4, "weft-lifeline")
 	if ready == nil || lifeline == nil {
 		return fmt.Errorf("runtime: replica %s started without its pipes", name)
 	}
+	// A replica that cannot start tells the deployer why, which fails Run at startup.
+	fail := func(err error) error {
+		err = fmt.Errorf("runtime: replica %s: %w", name, err)
+		ready.WriteString(failedPrefix + strings.ReplaceAll(err.Error(), "\n", " ") + "\n")
+		ready.Close()
+		return err
+	}
+	var p childPlan
+	if err := json.Unmarshal([]byte(os.Getenv(planEnv)), &p); err != nil {
+		return fail(fmt.Errorf("bad plan: %w", err))
+	}
+	group, _, _ := strings.Cut(name, "/")
+	logger := cfg.Logger
+	ctx, stop := signalContext(ctx)
+	defer stop()
 
 	// Connections to the other groups.
 	conns := map[string]call.Connection{}
@@ -452,7 +500,10 @@ func runChild(ctx context.Context, cfg Config) error {
 	w := newWiring(cfg, remote)
 	var hm call.HandlerMap
 	for _, c := range mine.Components {
-		reg, _ := lookupName(c)
+		reg, ok := lookupName(c)
+		if !ok {
+			return fail(fmt.Errorf("component %s is not registered in this program", c))
+		}
 		w.mu.Lock()
 		impl, err := w.createLocked(reg)
 		if err == nil {
@@ -460,13 +511,13 @@ func runChild(ctx context.Context, cfg Config) error {
 		}
 		w.mu.Unlock()
 		if err != nil {
-			return fmt.Errorf("runtime: replica %s: %w", name, err)
+			return fail(err)
 		}
 		reg.AddHandlers(impl, &hm)
 	}
 	l, err := listenUnix(sock)
 	if err != nil {
-		return fmt.Errorf("runtime: replica %s: %w", name, err)
+		return fail(err)
 	}
 	serveCtx, stopServing := context.WithCancel(context.Background())
 	defer stopServing()

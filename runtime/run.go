@@ -264,6 +264,12 @@ func shortName(name string) string {
 	return name
 }
 
+// groupName is the default name of a group whose first component is named name: the
+// interface's name, lower-cased ("pkgpath/Store" gives "store").
+func groupName(name string) string {
+	return strings.ToLower(name[strings.LastIndex(name, "/")+1:])
+}
+
 // plan is the groups of a multi-process deployment, with every registered component other than
 // Main in exactly one.
 func plan(cfg Config) ([]Group, error) {
@@ -281,7 +287,7 @@ func plan(cfg Config) ([]Group, error) {
 			g.Replicas = 1
 		}
 		if g.Name == "" {
-			g.Name = shortName(g.Components[0])
+			g.Name = groupName(g.Components[0])
 		}
 		if strings.ContainsAny(g.Name, "/ \n") || names[g.Name] {
 			return nil, fmt.Errorf("runtime: bad or repeated group name %q", g.Name)
@@ -300,9 +306,9 @@ func plan(cfg Config) ([]Group, error) {
 	}
 	for _, name := range registeredNames() {
 		if _, ok := seen[name]; !ok {
-			g := Group{Name: shortName(name), Components: []string{name}, Replicas: 1}
-			for names[g.Name] {
-				g.Name += "_"
+			g := Group{Name: groupName(name), Components: []string{name}, Replicas: 1}
+			for base, i := g.Name, 2; names[g.Name]; i++ {
+				g.Name = fmt.Sprintf("%s%d", base, i)
 			}
 			names[g.Name] = true
 			groups = append(groups, g)

@@ -69,6 +69,7 @@ type audit_local_stub struct {
 var _ Audit = audit_local_stub{}
 
 func (s audit_local_stub) Counts(ctx context.Context) (r0 map[string]int64, err error) {
+	ctx = call.LocalContext(ctx)
 	if s.tracer != nil {
 		var span trace.Span
 		ctx, span = s.tracer.Start(ctx, "Audit.Counts", trace.WithSpanKind(trace.SpanKindInternal))
@@ -78,6 +79,7 @@ func (s audit_local_stub) Counts(ctx context.Context) (r0 map[string]int64, err 
 }
 
 func (s audit_local_stub) Record(ctx context.Context, a1 string) (err error) {
+	ctx = call.LocalContext(ctx)
 	if s.tracer != nil {
 		var span trace.Span
 		ctx, span = s.tracer.Start(ctx, "Audit.Record", trace.WithSpanKind(trace.SpanKindInternal))
@@ -206,6 +208,7 @@ type frontend_local_stub struct {
 var _ Frontend = frontend_local_stub{}
 
 func (s frontend_local_stub) Get(ctx context.Context, a1 string) (r0 Stored, err error) {
+	ctx = call.LocalContext(ctx)
 	if s.tracer != nil {
 		var span trace.Span
 		ctx, span = s.tracer.Start(ctx, "Frontend.Get", trace.WithSpanKind(trace.SpanKindInternal))
@@ -215,6 +218,7 @@ func (s frontend_local_stub) Get(ctx context.Context, a1 string) (r0 Stored, err
 }
 
 func (s frontend_local_stub) Set(ctx context.Context, a1 string, a2 string) (r0 Stored, err error) {
+	ctx = call.LocalContext(ctx)
 	if s.tracer != nil {
 		var span trace.Span
 		ctx, span = s.tracer.Start(ctx, "Frontend.Set", trace.WithSpanKind(trace.SpanKindInternal))
@@ -350,6 +354,7 @@ type store_local_stub struct {
 var _ Store = store_local_stub{}
 
 func (s store_local_stub) Get(ctx context.Context, a1 string) (r0 Stored, err error) {
+	ctx = call.LocalContext(ctx)
 	if s.tracer != nil {
 		var span trace.Span
 		ctx, span = s.tracer.Start(ctx, "Store.Get", trace.WithSpanKind(trace.SpanKindInternal))
@@ -359,6 +364,7 @@ func (s store_local_stub) Get(ctx context.Context, a1 string) (r0 Stored, err er
 }
 
 func (s store_local_stub) Put(ctx context.Context, a1 string, a2 string) (r0 Stored, err error) {
+	ctx = call.LocalContext(ctx)
 	if s.tracer != nil {
 		var span trace.Span
 		ctx, span = s.tracer.Start(ctx, "Store.Put", trace.WithSpanKind(trace.SpanKindInternal))

@@ -62,6 +62,7 @@ type echoer_local_stub struct {
 var _ Echoer = echoer_local_stub{}
 
 func (s echoer_local_stub) Echo(ctx context.Context, a1 []byte) (r0 []byte, err error) {
+	ctx = call.LocalContext(ctx)
 	if s.tracer != nil {
 		var span trace.Span
 		ctx, span = s.tracer.Start(ctx, "Echoer.Echo", trace.WithSpanKind(trace.SpanKindInternal))
@@ -71,6 +72,7 @@ func (s echoer_local_stub) Echo(ctx context.Context, a1 []byte) (r0 []byte, err 
 }
 
 func (s echoer_local_stub) EchoRecord(ctx context.Context, a1 Record) (r0 Record, err error) {
+	ctx = call.LocalContext(ctx)
 	if s.tracer != nil {
 		var span trace.Span
 		ctx, span = s.tracer.Start(ctx, "Echoer.EchoRecord", trace.WithSpanKind(trace.SpanKindInternal))

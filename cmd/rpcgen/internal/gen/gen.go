@@ -604,6 +604,7 @@ func (g *generator) component(w *bytes.Buffer, c *component, lname, rt, callPkg,
 		sig := m.Type().(*types.Signature)
 		params, results, args, _ := g.signatureParts(sig, ctxPkg)
 		p("func (s %s) %s(%s) (%s) {\n", local, m.Name(), params, results)
+		p("\tctx = %s.LocalContext(ctx)\n", callPkg)
 		p("\tif s.tracer != nil {\n")
 		p("\t\tvar span %s.Span\n", tracePkg)
 		p("\t\tctx, span = s.tracer.Start(ctx, %q, %s.WithSpanKind(%s.SpanKindInternal))\n", iname+"."+m.Name(), tracePkg, tracePkg)

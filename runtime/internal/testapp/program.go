@@ -1,0 +1,343 @@
+package testapp
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/weftrpc/weft/call"
+	"github.com/weftrpc/weft/runtime"
+)
+
+// Environment of the program and of its replicas (which inherit it).
+const (
+	// EnvArgs holds the program's arguments when a test binary runs as the program: its
+	// TestMain calls Main(strings.Fields(os.Getenv(EnvArgs))) instead of running tests.
+	EnvArgs = "WEFT_TESTAPP"
+	// EnvSpawnLog names a file to which every replica appends "group/index pid\n" when it
+	// starts, if set.
+	EnvSpawnLog = "WEFT_TESTAPP_SPAWNLOG"
+	// EnvLog is the default of -log: "debug", "info", "warn" (the default) or "error".
+	EnvLog = "WEFT_TESTAPP_LOG"
+	// EnvSecret is the secret the "secret" mode sends as metadata.
+	EnvSecret = "WEFT_TESTAPP_SECRET"
+	// EnvFailInit lists, separated by commas, the components ("Store", "Front", "Ledger")
+	// whose Init fails in replicas.
+	EnvFailInit = "WEFT_TESTAPP_FAILINIT"
+)
+
+// Started reports whether this process should run Main rather than tests: it was started as
+// the program (EnvArgs is set) or as a replica of a multi-process deployment.
+func Started() bool {
+	return os.Getenv(EnvArgs) != "" || runtime.ReplicaName() != "main"
+}
+
+// Groups is the multi-process layout of the application: the Store in a sharded group of
+// replicas, and the other components in two single-replica groups, CycleA and CycleB apart
+// (in one process they are a cycle).
+func Groups(replicas int) []runtime.Group {
+	return []runtime.Group{
+		{Name: "store", Components: []string{StoreName}, Replicas: replicas, Sharded: true},
+		{Name: "front", Components: []string{FrontName, CycleAName}},
+		{Name: "ledger", Components: []string{LedgerName, CycleBName}},
+	}
+}
+
+// Processes is how many replica processes Groups(replicas) runs.
+func Processes(replicas int) int { return replicas + 2 }
+
+type options struct {
+	mode     string
+	single   bool
+	replicas int
+	workers  int
+	calls    int
+	size     int
+	deadline time.Duration
+	hold     time.Duration
+	long     int
+}
+
+// app is the program's main component.
+type app struct {
+	runtime.Implements[runtime.Main]
+	front  runtime.Ref[Front]
+	store  runtime.Ref[Store]
+	ledger runtime.Ref[Ledger]
+	cycle  runtime.Ref[CycleA]
+}
+
+// Main runs the program with args and returns its exit code. Replicas run the same arguments
+// (the runtime starts them with this process's command line), so they compute the same
+// Config. The program's output, one fact per line, is what the runtime's tests read; -mode
+// selects what it does:
+//
+//   - idle: prints the replica of every shard, then waits to be stopped;
+//   - load: -workers goroutines call Front.Put round the shards (each call with its own
+//     -deadline, unaffected by the stop signal) until stopped or -calls calls each, printing
+//     every call; then a summary;
+//   - hold: a Front.Hold of -hold on shard 1, then a Put on shard 1, then waits to be stopped;
+//   - print: every Store replica prints a line to its stdout and its stderr, then, with
+//     -long, shard 0 prints a line of -long bytes and then a short one;
+//   - secret: calls that carry the secret of EnvSecret as metadata, through the Front and
+//     directly, succeeding and failing in various ways;
+//   - cycle: calls CycleA, which calls CycleB, which calls CycleA.
+func Main(args []string) int {
+	var o options
+	fs := flag.NewFlagSet("testapp", flag.ContinueOnError)
+	fs.StringVar(&o.mode, "mode", "idle", "what to do")
+	fs.BoolVar(&o.single, "single", false, "run every component in this process")
+	level := fs.String("log", os.Getenv(EnvLog), "log level")
+	fs.IntVar(&o.replicas, "replicas", 3, "replicas of the Store")
+	fs.IntVar(&o.workers, "workers", 4, "load: concurrent callers")
+	fs.IntVar(&o.calls, "calls", 0, "load: calls per worker (0: until stopped)")
+	fs.IntVar(&o.size, "size", 16, "load: bytes per value")
+	fs.DurationVar(&o.deadline, "deadline", 5*time.Second, "deadline of every call")
+	fs.DurationVar(&o.hold, "hold", 2*time.Second, "hold: how long the Store holds the call")
+	fs.IntVar(&o.long, "long", 0, "print: length of a long line")
+	drain := fs.Duration("drain", 0, "Config.DrainTimeout")
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	var lvl slog.Level
+	if *level == "" {
+		*level = "warn"
+	}
+	if err := lvl.UnmarshalText([]byte(*level)); err != nil {
+		fmt.Fprintln(os.Stderr, "testapp:", err)
+		return 2
+	}
+	if name := runtime.ReplicaName(); name != "main" {
+		if path := os.Getenv(EnvSpawnLog); path != "" {
+			if f, err := os.OpenFile(path, os.O_APPEND|os.O_CREATE|os.O_WRONLY, 0o600); err == nil {
+				fmt.Fprintf(f, "%s %d\n", name, os.Getpid())
+				f.Close()
+			}
+		}
+	}
+	cfg := runtime.Config{
+		Multi:        !o.single,
+		Logger:       slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: lvl})),
+		Groups:       Groups(o.replicas),
+		DrainTimeout: *drain,
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	err := runtime.Run(ctx, cfg, func(ctx context.Context, a *app) error { return a.run(ctx, o) })
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "testapp:", err)
+		return 1
+	}
+	return 0
+}
+
+func (a *app) run(ctx context.Context, o options) error {
+	fmt.Printf("main pid=%d\n", os.Getpid())
+	switch o.mode {
+	case "idle":
+		if err := a.shards(ctx, o); err != nil {
+			return err
+		}
+		fmt.Println("ready")
+		<-ctx.Done()
+	case "load":
+		return a.load(ctx, o)
+	case "hold":
+		return a.holdThenPut(ctx, o)
+	case "print":
+		return a.print(o)
+	case "secret":
+		return a.secret(o)
+	case "cycle":
+		c, cancel := detached(ctx, o.deadline)
+		defer cancel()
+		s, err := a.cycle.Get().A(c, 3)
+		fmt.Printf("cycle %q %v\n", s, err)
+		if err != nil {
+			return err
+		}
+	default:
+		return fmt.Errorf("unknown mode %q", o.mode)
+	}
+	fmt.Println("done")
+	return nil
+}
+
+// detached is a context for one call: not cancelled when the program is asked to stop, so
+// calls in flight then finish, and bounded by d.
+func detached(ctx context.Context, d time.Duration) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(context.WithoutCancel(ctx), d)
+}
+
+// replicaOf is the replica that owns shard.
+func (o options) replicaOf(shard uint64) string {
+	if o.single {
+		return "main"
+	}
+	return fmt.Sprintf("store/%d", shard%uint64(o.replicas))
+}
+
+// shards prints the replica and process of every shard.
+func (a *app) shards(ctx context.Context, o options) error {
+	for s := range uint64(o.replicas) {
+		c, cancel := detached(ctx, o.deadline)
+		p, err := a.front.Get().Put(c, s, "warm", "up")
+		cancel()
+		if err != nil {
+			return fmt.Errorf("shard %d: %w", s, err)
+		}
+		fmt.Printf("shard=%d replica=%s pid=%d\n", s, p.Replica, p.Pid)
+	}
+	return nil
+}
+
+func (a *app) load(ctx context.Context, o options) error {
+	if err := a.shards(ctx, o); err != nil {
+		return err
+	}
+	fmt.Println("load start")
+	var calls, ok, failed, wrong, late atomic.Int64
+	var wg sync.WaitGroup
+	for w := range o.workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			pad := strings.Repeat("x", o.size)
+			for n := 0; ctx.Err() == nil && (o.calls == 0 || n < o.calls); n++ {
+				shard := uint64(w+n) % uint64(o.replicas)
+				key := fmt.Sprintf("w%d-%d", w, n)
+				value := key + pad
+				c, cancel := detached(ctx, o.deadline)
+				start := time.Now()
+				p, err := a.front.Get().Put(c, shard, key, value)
+				took := time.Since(start)
+				cancel()
+				calls.Add(1)
+				if took > o.deadline+time.Second {
+					late.Add(1)
+					fmt.Printf("call LATE shard=%d ms=%d\n", shard, took.Milliseconds())
+				}
+				switch {
+				case err != nil:
+					failed.Add(1)
+					fmt.Printf("call shard=%d err ms=%d: %v\n", shard, took.Milliseconds(), err)
+				case p.Key != key || p.Value != value || p.Replica != o.replicaOf(shard):
+					wrong.Add(1)
+					fmt.Printf("call shard=%d WRONG key=%q replica=%s\n", shard, p.Key, p.Replica)
+				default:
+					ok.Add(1)
+					fmt.Printf("call shard=%d ok replica=%s pid=%d ms=%d\n", shard, p.Replica, p.Pid, took.Milliseconds())
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	c, cancel := detached(ctx, o.deadline)
+	defer cancel()
+	counts, err := a.ledger.Get().Counts(c)
+	if err != nil {
+		return err
+	}
+	fmt.Printf("summary calls=%d ok=%d err=%d wrong=%d late=%d ledger=%d\n",
+		calls.Load(), ok.Load(), failed.Load(), wrong.Load(), late.Load(), counts["put"]-int64(o.replicas))
+	fmt.Println("done")
+	return nil
+}
+
+func (a *app) holdThenPut(ctx context.Context, o options) error {
+	c, cancel := detached(ctx, o.hold+o.deadline)
+	p, err := a.front.Get().Hold(c, 1, o.hold)
+	cancel()
+	if err != nil {
+		fmt.Printf("hold err: %v\n", err)
+	} else {
+		fmt.Printf("hold ok replica=%s pid=%d\n", p.Replica, p.Pid)
+	}
+	c, cancel = detached(ctx, o.deadline)
+	p, err = a.front.Get().Put(c, 1, "after", "hold")
+	cancel()
+	if err != nil {
+		fmt.Printf("after err: %v\n", err)
+	} else {
+		fmt.Printf("after ok replica=%s pid=%d\n", p.Replica, p.Pid)
+	}
+	fmt.Println("waiting")
+	<-ctx.Done()
+	return nil
+}
+
+func (a *app) print(o options) error {
+	ctx, cancel := context.WithTimeout(context.Background(), o.deadline)
+	defer cancel()
+	for s := range uint64(o.replicas) {
+		p, err := a.front.Get().Print(ctx, s, fmt.Sprintf("stdout-line shard=%d", s), fmt.Sprintf("stderr-line shard=%d", s))
+		if err != nil {
+			return err
+		}
+		fmt.Printf("printed shard=%d replica=%s pid=%d\n", s, p.Replica, p.Pid)
+	}
+	if o.long > 0 {
+		if _, err := a.front.Get().Print(ctx, 0, strings.Repeat("y", o.long), ""); err != nil {
+			return err
+		}
+		if _, err := a.front.Get().Print(ctx, 0, "after-long-line", ""); err != nil {
+			return err
+		}
+		fmt.Println("printed long")
+	}
+	return nil
+}
+
+// secret makes calls that carry the secret as metadata values, and prints what happened,
+// errors included.
+func (a *app) secret(o options) error {
+	secret := os.Getenv(EnvSecret)
+	if secret == "" {
+		return errors.New("no secret")
+	}
+	bearer := "Bearer " + secret
+	md := call.Metadata{MetadataKey: bearer, "x-api-key": secret}
+	base, cancel := context.WithTimeout(call.WithMetadata(context.Background(), md), 4*o.deadline)
+	defer cancel()
+	report := func(step string, p Placed, err error) {
+		fmt.Printf("secret step=%s metadata-arrived=%t err=%v\n", step, err == nil && p.Metadata == Fingerprint(bearer), err)
+	}
+
+	p, err := a.front.Get().Put(base, 0, "k", "v")
+	report("front", p, err)
+	p, err = a.store.Get().Put(call.WithShardKey(base, 1), "k", "v")
+	report("direct", p, err)
+
+	short, cancelShort := context.WithTimeout(base, 50*time.Millisecond)
+	p, err = a.front.Get().Hold(short, 2, time.Second)
+	cancelShort()
+	report("deadline", p, err)
+
+	p, err = a.store.Get().Hold(call.WithShardKey(base, 2), -time.Second)
+	report("panic", p, err)
+
+	big := call.Metadata{MetadataKey: strings.Repeat(secret, 9<<10/len(secret)+1)}
+	p, err = a.front.Get().Put(call.WithMetadata(base, big), 0, "k", "v")
+	report("too-large", p, err)
+
+	many := call.Metadata{}
+	for i := range 100 {
+		many[fmt.Sprintf("k%d", i)] = fmt.Sprintf("%s-%d", secret, i)
+	}
+	p, err = a.store.Get().Put(call.WithMetadata(call.WithShardKey(base, 0), many), "k", "v")
+	report("too-many", p, err)
+
+	p, err = a.front.Get().Get(base, 1, "missing")
+	report("not-found", p, err)
+	fmt.Println("done")
+	return nil
+}
