@@ -163,7 +163,7 @@ func (d *deployment) remote(reg *Registration) (call.Connection, bool, error) {
 			if c, ok := d.conns[g.Name]; ok {
 				return c, true, nil
 			}
-			c, err := connectGroup(d.ctx, g.Group, d.cfg.Logger)
+			c, err := connectGroup(d.ctx, g.Group, d.cfg)
 			if err != nil {
 				return nil, false, err
 			}
@@ -324,14 +324,15 @@ func (r *replica) terminate(cmd *exec.Cmd, exited <-chan error) error {
 	}
 }
 
-// connectGroup returns a Connection to every replica of g. It connects on its first call, so
+// connectGroup returns a Connection to every replica of g, with a client span per call when
+// cfg has a tracer. It connects on its first call, so
 // that replicas that start together do not dial each other before they listen.
-func connectGroup(ctx context.Context, g Group, logger *slog.Logger) (call.Connection, error) {
+func connectGroup(ctx context.Context, g Group, cfg Config) (call.Connection, error) {
 	var eps []endpoint.Endpoint
 	for _, s := range g.Sockets {
 		eps = append(eps, endpoint.Unix(s))
 	}
-	opts := call.ClientOptions{Balancer: groupBalancer(g), Logger: logger, Backoff: interBackoff}
+	opts := call.ClientOptions{Balancer: groupBalancer(g), Logger: cfg.Logger, Tracer: cfg.Tracer, Backoff: interBackoff}
 	return &lazyConn{connect: func() (call.Connection, error) {
 		return call.Connect(ctx, resolve.Constant(eps...), opts)
 	}}, nil
@@ -482,7 +483,7 @@ func runChild(ctx context.Context, cfg Config) error {
 			if c, ok := conns[g.Name]; ok {
 				return c, true, nil
 			}
-			c, err := connectGroup(ctx, g, logger)
+			c, err := connectGroup(ctx, g, cfg)
 			if err != nil {
 				return nil, false, err
 			}
