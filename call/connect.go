@@ -222,18 +222,15 @@ func (c *client) Call(ctx context.Context, key MethodKey, args []byte, opts Call
 		if err != nil {
 			return nil, err
 		}
-		var conn *Conn
-		if m != nil {
-			conn = m.conn.Load()
-		}
-		if conn == nil {
+		if m == nil {
 			// Nothing to call yet: wait for the resolver or a member to move on.
 			if err := wait(ctx, s); err != nil {
 				return nil, err
 			}
 			continue
 		}
-		result, err := conn.Call(ctx, key, args, opts)
+		// A ready member's connection is stored before its state becomes ready.
+		result, err := m.conn.Load().Call(ctx, key, args, opts)
 		if err == nil || resends >= maxResends || !isUnsent(err) || ctx.Err() != nil {
 			return result, err
 		}

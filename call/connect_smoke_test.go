@@ -2,6 +2,7 @@ package call_test
 
 import (
 	"context"
+	"errors"
 	"testing"
 	"time"
 
@@ -215,5 +216,23 @@ func TestConnectWithShardKey(t *testing.T) {
 				t.Errorf("keys 0, 1, 2 reached %s, %s, %s; want three different servers", owner[0], owner[1], owner[2])
 			}
 		})
+	}
+}
+
+// TestConnectBadArguments checks that Connect refuses a nil resolver and a done context with
+// an error, instead of returning a Connection that cannot work.
+func TestConnectBadArguments(t *testing.T) {
+	ctx := cbCtx(t, 10*time.Second)
+	if c, err := call.Connect(ctx, nil, call.ClientOptions{}); err == nil || c != nil {
+		t.Errorf("Connect with a nil resolver: got %v, %v; want an error", c, err)
+	}
+	done, cancel := context.WithCancel(ctx)
+	cancel()
+	c, err := call.Connect(done, resolve.Constant(), call.ClientOptions{})
+	if err == nil || c != nil {
+		t.Fatalf("Connect with a done context: got %v, %v; want an error", c, err)
+	}
+	if !errors.Is(err, context.Canceled) || !call.NeverRan(err) {
+		t.Errorf("Connect with a done context: %v; want context.Canceled, never ran", err)
 	}
 }

@@ -62,7 +62,7 @@ type deployment struct {
 	wg        sync.WaitGroup
 
 	mu    sync.Mutex
-	conns map[string]call.Connection // by group
+	conns map[string]*groupConn // by group
 }
 
 type groupState struct {
@@ -99,7 +99,7 @@ func startDeployment(ctx context.Context, cfg Config) (*deployment, error) {
 	if err != nil {
 		return nil, fmt.Errorf("runtime: finding this program to start replicas: %w", err)
 	}
-	d := &deployment{cfg: cfg, exe: exe, dir: cfg.Dir, conns: map[string]call.Connection{}}
+	d := &deployment{cfg: cfg, exe: exe, dir: cfg.Dir, conns: map[string]*groupConn{}}
 	if d.dir == "" {
 		if d.dir, err = os.MkdirTemp("", "weft-"); err != nil {
 			return nil, fmt.Errorf("runtime: %w", err)
@@ -160,15 +160,12 @@ func (d *deployment) remote(reg *Registration) (call.Connection, bool, error) {
 		if slices.Contains(g.Components, reg.Name) {
 			d.mu.Lock()
 			defer d.mu.Unlock()
-			if c, ok := d.conns[g.Name]; ok {
-				return c, true, nil
+			c, ok := d.conns[g.Name]
+			if !ok {
+				c = connectGroup(d.ctx, g.Group, d.cfg)
+				d.conns[g.Name] = c
 			}
-			c, err := connectGroup(d.ctx, g.Group, d.cfg)
-			if err != nil {
-				return nil, false, err
-			}
-			d.conns[g.Name] = waiting{c}
-			return d.conns[g.Name], true, nil
+			return c, true, nil
 		}
 	}
 	return nil, false, fmt.Errorf("runtime: component %s is in no group", reg.Name)
@@ -180,7 +177,7 @@ func (d *deployment) stop() {
 	for _, c := range d.conns {
 		c.Close()
 	}
-	d.conns = map[string]call.Connection{}
+	d.conns = map[string]*groupConn{}
 	d.mu.Unlock()
 	d.cancel()
 	d.wg.Wait()
@@ -324,22 +321,24 @@ func (r *replica) terminate(cmd *exec.Cmd, exited <-chan error) error {
 	}
 }
 
-// connectGroup returns a Connection to every replica of g, with a client span per call when
-// cfg has a tracer. It connects on its first call, so
-// that replicas that start together do not dial each other before they listen.
-func connectGroup(ctx context.Context, g Group, cfg Config) (call.Connection, error) {
+// connectGroup returns the connection to every replica of g, with a client span per call when
+// cfg has a tracer.
+func connectGroup(ctx context.Context, g Group, cfg Config) *groupConn {
 	var eps []endpoint.Endpoint
 	for _, s := range g.Sockets {
 		eps = append(eps, endpoint.Unix(s))
 	}
 	opts := call.ClientOptions{Balancer: groupBalancer(g), Logger: cfg.Logger, Tracer: cfg.Tracer, Backoff: interBackoff}
-	return &lazyConn{connect: func() (call.Connection, error) {
+	return &groupConn{connect: func() (call.Connection, error) {
 		return call.Connect(ctx, resolve.Constant(eps...), opts)
-	}}, nil
+	}}
 }
 
-// lazyConn connects on its first call.
-type lazyConn struct {
+// groupConn is a Connection between components. It connects on its first call, so that
+// replicas that start together do not dial each other before they listen; and its calls wait
+// for a replica of the callee's group to be ready (while one restarts, or before the first
+// one serves), up to the caller's deadline, instead of failing at once.
+type groupConn struct {
 	connect func() (call.Connection, error)
 
 	mu     sync.Mutex
@@ -348,7 +347,7 @@ type lazyConn struct {
 	closed bool
 }
 
-func (l *lazyConn) get() (call.Connection, error) {
+func (l *groupConn) get() (call.Connection, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.closed {
@@ -360,15 +359,28 @@ func (l *lazyConn) get() (call.Connection, error) {
 	return l.conn, l.err
 }
 
-func (l *lazyConn) Call(ctx context.Context, key call.MethodKey, args []byte, opts call.CallOptions) ([]byte, error) {
+func (l *groupConn) Call(ctx context.Context, key call.MethodKey, args []byte, opts call.CallOptions) ([]byte, error) {
 	c, err := l.get()
 	if err != nil {
 		return nil, err
 	}
+	opts.WaitForReady = true
 	return c.Call(ctx, key, args, opts)
 }
 
-func (l *lazyConn) Close() {
+// status returns the connection's status, or false before its first call.
+func (l *groupConn) status() (call.ConnectionStatus, bool) {
+	l.mu.Lock()
+	c := l.conn
+	l.mu.Unlock()
+	in, ok := c.(call.Inspectable)
+	if !ok {
+		return call.ConnectionStatus{}, false
+	}
+	return in.Status(), true
+}
+
+func (l *groupConn) Close() {
 	l.mu.Lock()
 	c := l.conn
 	l.closed = true
@@ -376,16 +388,6 @@ func (l *lazyConn) Close() {
 	if c != nil {
 		c.Close()
 	}
-}
-
-// waiting is a Connection between components: its calls wait for a replica of the callee's
-// group to be ready (while one restarts, or before the first one serves), up to the caller's
-// deadline, instead of failing at once.
-type waiting struct{ call.Connection }
-
-func (w waiting) Call(ctx context.Context, key call.MethodKey, args []byte, opts call.CallOptions) ([]byte, error) {
-	opts.WaitForReady = true
-	return w.Connection.Call(ctx, key, args, opts)
 }
 
 // childPlan is what a replica is told about the deployment.
@@ -455,7 +457,7 @@ func runChild(ctx context.Context, cfg Config) error {
 	defer stop()
 
 	// Connections to the other groups.
-	conns := map[string]call.Connection{}
+	conns := map[string]*groupConn{}
 	var mine Group
 	for _, g := range p.Groups {
 		if g.Name == group {
@@ -480,15 +482,12 @@ func runChild(ctx context.Context, cfg Config) error {
 			}
 			connsMu.Lock()
 			defer connsMu.Unlock()
-			if c, ok := conns[g.Name]; ok {
-				return c, true, nil
+			c, ok := conns[g.Name]
+			if !ok {
+				c = connectGroup(ctx, g, cfg)
+				conns[g.Name] = c
 			}
-			c, err := connectGroup(ctx, g, cfg)
-			if err != nil {
-				return nil, false, err
-			}
-			conns[g.Name] = waiting{c}
-			return conns[g.Name], true, nil
+			return c, true, nil
 		}
 		return nil, false, fmt.Errorf("component %s is in no group", reg.Name)
 	}

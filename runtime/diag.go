@@ -62,13 +62,13 @@ type ReplicaInfo struct {
 // ChannelDiagnostic is this process's Connection to a group: its endpoints' states, calls in
 // flight, reported loads and last errors.
 type ChannelDiagnostic struct {
-	Group     string          `json:"group"`
-	Connected bool            `json:"connected"` // false until the first call
-	Endpoints []EndpointState `json:"endpoints,omitempty"`
+	Group     string         `json:"group"`
+	Connected bool           `json:"connected"` // false until the first call
+	Endpoints []EndpointInfo `json:"endpoints,omitempty"`
 }
 
-// EndpointState is one endpoint of a channel.
-type EndpointState struct {
+// EndpointInfo is one endpoint of a channel.
+type EndpointInfo struct {
 	Address  string  `json:"address"`
 	State    string  `json:"state"`
 	InFlight int     `json:"in_flight"`
@@ -117,20 +117,15 @@ func (g *diag) snapshot() Diagnostics {
 		g.d.mu.Lock()
 		for _, gs := range g.d.groups {
 			ch := ChannelDiagnostic{Group: gs.Name}
-			if w, ok := g.d.conns[gs.Name].(waiting); ok {
-				if l, ok := w.Connection.(*lazyConn); ok {
-					l.mu.Lock()
-					conn := l.conn
-					l.mu.Unlock()
-					if in, ok := conn.(call.Inspectable); ok {
-						ch.Connected = true
-						for _, e := range in.Status().Endpoints {
-							es := EndpointState{Address: e.Address, State: e.State.String(), InFlight: e.InFlight, Load: e.Load}
-							if e.Err != nil {
-								es.Error = e.Err.Error()
-							}
-							ch.Endpoints = append(ch.Endpoints, es)
+			if gc := g.d.conns[gs.Name]; gc != nil {
+				var st call.ConnectionStatus
+				if st, ch.Connected = gc.status(); ch.Connected {
+					for _, e := range st.Endpoints {
+						ei := EndpointInfo{Address: e.Address, State: e.State.String(), InFlight: e.InFlight, Load: e.Load}
+						if e.Err != nil {
+							ei.Error = e.Err.Error()
 						}
+						ch.Endpoints = append(ch.Endpoints, ei)
 					}
 				}
 			}

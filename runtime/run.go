@@ -6,7 +6,6 @@ import (
 	"log/slog"
 	"os"
 	"reflect"
-	"sort"
 	"strings"
 	"sync"
 	"time"
@@ -240,20 +239,6 @@ func (w *wiring) close() {
 	}
 }
 
-func lookupType(iface reflect.Type) (*Registration, bool) {
-	registry.Lock()
-	defer registry.Unlock()
-	r, ok := registry.byType[iface]
-	return r, ok
-}
-
-func lookupName(name string) (*Registration, bool) {
-	registry.Lock()
-	defer registry.Unlock()
-	r, ok := registry.byName[name]
-	return r, ok
-}
-
 // shortName is a component's name without its package path's directories.
 func shortName(name string) string {
 	if i := strings.LastIndex(name, "/"); i >= 0 {
@@ -318,13 +303,10 @@ func plan(cfg Config) ([]Group, error) {
 }
 
 func registeredNames() []string {
-	registry.Lock()
-	defer registry.Unlock()
 	var out []string
-	for name := range registry.byName {
-		out = append(out, name)
+	for _, r := range Registered() {
+		out = append(out, r.Name)
 	}
-	sort.Strings(out)
 	return out
 }
 

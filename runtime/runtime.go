@@ -180,13 +180,25 @@ func Registered() []Registration {
 
 // Find returns the registration of the component whose interface is T.
 func Find[T any]() (Registration, bool) {
-	registry.Lock()
-	defer registry.Unlock()
-	r, ok := registry.byType[reflect.TypeFor[T]()]
+	r, ok := lookupType(reflect.TypeFor[T]())
 	if !ok {
 		return Registration{}, false
 	}
 	return *r, true
+}
+
+func lookupType(iface reflect.Type) (*Registration, bool) {
+	registry.Lock()
+	defer registry.Unlock()
+	r, ok := registry.byType[iface]
+	return r, ok
+}
+
+func lookupName(name string) (*Registration, bool) {
+	registry.Lock()
+	defer registry.Unlock()
+	r, ok := registry.byName[name]
+	return r, ok
 }
 
 // EndSpan ends a span started by a generated local stub, recording err if it is not nil.

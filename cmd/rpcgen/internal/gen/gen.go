@@ -602,7 +602,7 @@ func (g *generator) component(w *bytes.Buffer, c *component, lname, rt, callPkg,
 	p("var _ %s = %s{}\n\n", iname, local)
 	for _, m := range c.methods {
 		sig := m.Type().(*types.Signature)
-		params, results, args, _ := g.signatureParts(sig, ctxPkg)
+		params, results, args := g.signatureParts(sig, ctxPkg)
 		p("func (s %s) %s(%s) (%s) {\n", local, m.Name(), params, results)
 		p("\tctx = %s.LocalContext(ctx)\n", callPkg)
 		p("\tif s.tracer != nil {\n")
@@ -619,7 +619,7 @@ func (g *generator) component(w *bytes.Buffer, c *component, lname, rt, callPkg,
 	p("var _ %s = %s{}\n\n", iname, client)
 	for _, m := range c.methods {
 		sig := m.Type().(*types.Signature)
-		params, results, _, _ := g.signatureParts(sig, ctxPkg)
+		params, results, _ := g.signatureParts(sig, ctxPkg)
 		p("func (s %s) %s(%s) (%s) {\n", client, m.Name(), params, results)
 		p("\tenc := %s.GetEncoder()\n\tdefer %s.PutEncoder(enc)\n", codecPkg, codecPkg)
 		var hints []string
@@ -713,9 +713,8 @@ func sumHints(hints []string) string {
 }
 
 // signatureParts returns a method's parameter list (ctx, a1, a2...), its named result list
-// (r0, r1..., err), the arguments that forward the parameters after ctx (", a1, a2..."), and
-// the result names.
-func (g *generator) signatureParts(sig *types.Signature, ctxPkg string) (params, results, args string, outs []string) {
+// (r0, r1..., err), and the arguments that forward the parameters after ctx (", a1, a2...").
+func (g *generator) signatureParts(sig *types.Signature, ctxPkg string) (params, results, args string) {
 	ps := []string{"ctx " + ctxPkg + ".Context"}
 	var as []string
 	for i := 1; i < sig.Params().Len(); i++ {
@@ -732,14 +731,12 @@ func (g *generator) signatureParts(sig *types.Signature, ctxPkg string) (params,
 	var rs []string
 	n := sig.Results().Len()
 	for i := 0; i < n-1; i++ {
-		outs = append(outs, fmt.Sprintf("r%d", i))
 		rs = append(rs, fmt.Sprintf("r%d %s", i, g.typeString(sig.Results().At(i).Type())))
 	}
 	rs = append(rs, "err error")
-	outs = append(outs, "err")
 	args = ""
 	if len(as) > 0 {
 		args = ", " + strings.Join(as, ", ")
 	}
-	return strings.Join(ps, ", "), strings.Join(rs, ", "), args, outs
+	return strings.Join(ps, ", "), strings.Join(rs, ", "), args
 }
