@@ -52,14 +52,15 @@ type Conn struct {
 
 	mu sync.Mutex
 	// guarded by mu
-	closeErr     error         // why the connection closed (or the server's go-away reason); nil while open
-	draining     bool          // no new calls: go-away received, ids ran out, drained, or closed
-	drainc       chan struct{} // closed when draining starts; replaced by undrain
-	localDrain   bool          // draining only because drain was called
-	goAway       bool          // the server sent a go-away
-	idsOut       bool          // request ids ran out
-	lastAccepted uint64        // from the server's go-away
-	kaPinged     bool          // a keepalive ping is outstanding
+	closeErr     error                    // why the connection closed (or the server's go-away reason); nil while open
+	draining     bool                     // no new calls: go-away received, ids ran out, drained, or closed
+	drainc       chan struct{}            // closed when draining starts; replaced by undrain
+	localDrain   bool                     // draining only because drain was called
+	goAway       bool                     // the server sent a go-away
+	idsOut       bool                     // request ids ran out
+	lastAccepted uint64                   // from the server's go-away
+	kaPinged     bool                     // a keepalive ping is outstanding
+	pings        map[uint64]chan struct{} // Ping calls waiting for their pong, by ping id
 }
 
 var _ Connection = (*Conn)(nil)
@@ -311,6 +312,57 @@ func (c *Conn) keepalive() {
 		c.fail(fmt.Errorf("keepalive: no frame from %s for %v after a ping", c.addr, c.opts.KeepaliveTimeout))
 		return
 	}
+	c.mu.Unlock()
+}
+
+// Ping sends a ping frame and waits for the server's pong. It returns the round-trip time, or
+// an error if the connection closed or ctx ended first. A pong proves that the connection and
+// the server's reader and writer work, not that a handler would run.
+func (c *Conn) Ping(ctx context.Context) (time.Duration, error) {
+	start := time.Now()
+	id, pong, err := c.startPing()
+	if err != nil {
+		return 0, err
+	}
+	select {
+	case <-pong:
+		return time.Since(start), nil
+	case <-c.closed:
+		c.cancelPing(id)
+		return 0, newError(ErrCommunication, false, "ping "+c.addr, c.Err())
+	case <-ctx.Done():
+		c.cancelPing(id)
+		return 0, ctxError(ctx, false)
+	}
+}
+
+// startPing sends a ping and returns its id and a channel that is closed when its pong
+// arrives. Unless it arrives, the caller must call cancelPing.
+func (c *Conn) startPing() (uint64, <-chan struct{}, error) {
+	id := c.pingID.Add(1)
+	ch := make(chan struct{})
+	c.mu.Lock()
+	if c.closeErr != nil {
+		err := c.closeErr
+		c.mu.Unlock()
+		return 0, nil, newError(ErrUnreachable, true, "ping "+c.addr, err)
+	}
+	if c.pings == nil {
+		c.pings = map[uint64]chan struct{}{}
+	}
+	c.pings[id] = ch
+	c.mu.Unlock()
+	if !c.w.control(framePing, id, nil) {
+		c.cancelPing(id)
+		return 0, nil, newError(ErrUnreachable, true, "ping "+c.addr+": control queue full or connection closed", c.Err())
+	}
+	return id, ch, nil
+}
+
+// cancelPing forgets a ping whose pong is no longer awaited.
+func (c *Conn) cancelPing(id uint64) {
+	c.mu.Lock()
+	delete(c.pings, id)
 	c.mu.Unlock()
 }
 
@@ -757,6 +809,12 @@ func (c *Conn) read() error {
 				return fmt.Errorf("%w: server %s floods pings", ErrProtocol, c.addr)
 			}
 		case framePong:
+			c.mu.Lock()
+			if ch, ok := c.pings[h.id]; ok {
+				delete(c.pings, h.id)
+				close(ch)
+			}
+			c.mu.Unlock()
 		case frameGoAway:
 			if scratch, err = c.readPayload(scratch, n); err != nil {
 				return err

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math/rand/v2"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -14,30 +15,42 @@ import (
 	"github.com/weftrpc/weft/balance"
 	"github.com/weftrpc/weft/endpoint"
 	"github.com/weftrpc/weft/resolve"
+	"go.opentelemetry.io/otel/metric"
 )
 
 // Connect returns a Connection to the servers at the endpoints resolver returns. It does not
 // wait for a connection: ctx bounds only Connect itself, and the Connection lives until Close.
 //
-// In the background the Connection follows the resolver and keeps one connection ([Conn]) to
-// every endpoint of the current set: it dials new endpoints, redials lost ones with
-// ClientOptions.Backoff, drains removed ones (their calls in progress finish, then they
-// close), and revives a removed endpoint that returns while it drains. A resolver error keeps
-// the last good set.
+// From the start and for its whole life the Connection keeps a pool of connections ([Conn])
+// to the endpoints of the current set, in the background: by default one to every endpoint,
+// or ClientOptions.Pool.Size connections spread over distinct endpoints. It dials new
+// endpoints, redials lost connections with ClientOptions.Backoff, drains removed endpoints
+// (their calls in progress finish, then they close), and revives a removed endpoint that
+// returns while it drains. A resolver error keeps the last good set.
 //
-// Each call goes to the member ClientOptions.Balancer (or CallOptions.Balancer) picks. While
-// endpoints are still connecting and none is ready, calls wait, up to their deadline. When
-// every endpoint has failed, or the resolver has none, calls fail at once with [ErrUnreachable]
-// ([ErrAuthentication] if every endpoint failed its TLS handshake), unless
-// CallOptions.WaitForReady is set. A call that its server never took in (its connection was
-// draining or closed, broke before the request left, or the server's go-away refused it) is
-// sent again, to the member the balancer picks next, up to 3 times; any other failure is
-// returned to the caller.
+// Every connection is health-checked with ping frames, and every endpoint by the outcome of
+// its calls: a connection that misses a pong is evicted and replaced, and an endpoint whose
+// calls fail in a row is ejected for a while, then re-admitted by a probe. When fewer
+// endpoints than Pool.MinHealthy are healthy the Connection is unhealthy and degraded: it
+// uses connected but unhealthy endpoints again and stops evicting. See [PoolOptions].
 //
-// The returned Connection also implements [Inspectable].
+// Each call goes to the member ClientOptions.Balancer (or CallOptions.Balancer) picks among
+// the healthy endpoints. While endpoints are still connecting and none is ready, calls wait,
+// up to their deadline. When every endpoint has failed, or the resolver has none, calls fail
+// at once with [ErrUnreachable] ([ErrAuthentication] if every endpoint failed its TLS
+// handshake), unless CallOptions.WaitForReady is set. A call that its server never took in
+// (its connection was draining or closed, broke before the request left, or the server's
+// go-away refused it) is sent again, to the member the balancer picks next, up to 3 times;
+// any other failure is returned to the caller.
+//
+// The returned Connection also implements [Inspectable], and is listed by [Channels] until
+// it is closed.
 func Connect(ctx context.Context, resolver resolve.Resolver, opts ClientOptions) (Connection, error) {
 	if resolver == nil {
 		return nil, errors.New("call: Connect with a nil resolver")
+	}
+	if err := opts.Pool.validate(); err != nil {
+		return nil, err
 	}
 	if err := ctx.Err(); err != nil {
 		return nil, ctxError(ctx, true)
@@ -45,40 +58,78 @@ func Connect(ctx context.Context, resolver resolve.Resolver, opts ClientOptions)
 	opts = opts.withDefaults()
 	c := &client{
 		opts:     opts,
+		pool:     opts.Pool.withDefaults(),
+		name:     channelName(opts.Name, resolver),
 		resolver: resolver,
 		members:  map[string]*member{},
+		healthc:  make(chan struct{}, 1),
 	}
 	c.ctx, c.cancel = context.WithCancel(context.Background())
+	if err := c.registerMetrics(); err != nil {
+		c.cancel()
+		return nil, fmt.Errorf("call: registering metrics: %w", err)
+	}
 	c.mu.Lock()
 	c.publishLocked()
 	c.mu.Unlock()
 	c.wg.Add(1)
 	go c.resolveLoop()
+	if opts.OnHealthChange != nil {
+		c.wg.Add(1)
+		go c.notifyHealth()
+	}
+	registerChannel(c)
 	return c, nil
 }
 
+// channelName is the name of a Connection in logs, diagnostics and metrics.
+func channelName(name string, r resolve.Resolver) string {
+	if name != "" {
+		return name
+	}
+	if s, ok := r.(fmt.Stringer); ok {
+		return s.String()
+	}
+	return fmt.Sprintf("%T", r)
+}
+
 // Inspectable is implemented by the Connections [Connect] returns: Status describes the
-// resolved set and the state of every endpoint. Further capabilities of Connections will be
-// added as interfaces of their own, discovered with a type assertion, so implementations of
-// [Connection] keep compiling.
+// resolved set, the pool's health and the state of every endpoint. Further capabilities of
+// Connections will be added as interfaces of their own, discovered with a type assertion, so
+// implementations of [Connection] keep compiling.
 type Inspectable interface {
 	Status() ConnectionStatus
 }
 
 // ConnectionStatus is a snapshot of a Connection's state.
 type ConnectionStatus struct {
+	// Name is the Connection's name: ClientOptions.Name, or a description of its resolver.
+	Name string
+
 	// Resolved reports whether the resolver has answered at least once.
 	Resolved bool
 
 	// ResolveErr is the resolver's latest error, or nil if its latest answer succeeded.
 	ResolveErr error
 
+	// Healthy reports whether at least PoolOptions.MinHealthy endpoints (or every endpoint,
+	// if there are fewer) are healthy. It is false before the first connection and after
+	// Close.
+	Healthy bool
+
+	// Degraded reports whether too few endpoints are healthy, so that calls also go to
+	// connected endpoints that are not.
+	Degraded bool
+
+	// Wanted is the number of connections the pool is keeping.
+	Wanted int
+
 	// Endpoints describes the resolved set, ordered by address, followed by the endpoints that
 	// were removed and are still draining.
 	Endpoints []EndpointStatus
 
-	// Changed is closed when the resolved set or the state of an endpoint changes; loads and
-	// in-flight counts change without closing it.
+	// Changed is closed when the resolved set, the health or the state of an endpoint
+	// changes; loads, counters and in-flight counts change without closing it.
 	Changed <-chan struct{}
 
 	// Closed reports whether the Connection is closed.
@@ -87,11 +138,37 @@ type ConnectionStatus struct {
 
 // EndpointStatus describes one endpoint of a Connection.
 type EndpointStatus struct {
-	Address  string
-	State    EndpointState
-	InFlight int     // calls in progress on its connection
-	Load     float64 // the load its server last reported
-	Err      error   // why it is not ready (its last dial or connection failure), or nil
+	Address string
+	State   EndpointState
+
+	// Healthy reports whether the endpoint takes calls outside degraded mode: it has a
+	// connection whose health checks pass, and it is not ejected.
+	Healthy bool
+
+	// Ejected reports whether the endpoint is ejected for failing calls, until EjectedUntil
+	// and then a successful probe. Ejections counts its ejections.
+	Ejected      bool
+	EjectedUntil time.Time
+	Ejections    int
+
+	Connections int           // open connections to the endpoint that take calls
+	Wanted      int           // connections the pool keeps to the endpoint
+	InFlight    int           // calls in progress on its connections
+	Load        float64       // the load its server last reported
+	RTT         time.Duration // the round trip of its last successful health check
+	Calls       uint64        // calls sent to it
+	Errors      uint64        // calls that failed in a way that counts against it
+	Err         error         // why it is not ready (its last dial or connection failure), or nil
+
+	// RecentErrors are its latest failures (dials, connections, health checks and calls),
+	// oldest first.
+	RecentErrors []RecentError
+}
+
+// RecentError is a failure of an endpoint and when it happened.
+type RecentError struct {
+	Time time.Time
+	Err  error
 }
 
 // EndpointState is the state of one endpoint of a Connection.
@@ -109,6 +186,10 @@ const (
 	// EndpointDraining means the resolver removed the endpoint and its connection finishes the
 	// calls it has before closing.
 	EndpointDraining
+	// EndpointIdle means the pool keeps no connection to the endpoint: it has more endpoints
+	// than PoolOptions.Size. A balancer that picks an idle endpoint (a shard's owner) makes
+	// the pool connect to it, and the call waits.
+	EndpointIdle
 )
 
 func (s EndpointState) String() string {
@@ -121,6 +202,8 @@ func (s EndpointState) String() string {
 		return "failed"
 	case EndpointDraining:
 		return "draining"
+	case EndpointIdle:
+		return "idle"
 	}
 	return fmt.Sprintf("EndpointState(%d)", int32(s))
 }
@@ -132,16 +215,24 @@ const (
 
 	// maxResends bounds how often a call that was never sent moves to another member.
 	maxResends = 3
+
+	// recentErrors is how many failures an endpoint remembers for diagnostics.
+	recentErrors = 5
 )
 
 // client is the Connection returned by Connect.
 type client struct {
 	opts     ClientOptions
+	pool     PoolOptions
+	name     string
 	resolver resolve.Resolver
 	ctx      context.Context // cancelled by Close; bounds resolving and dialling
 	cancel   context.CancelFunc
 	snap     atomic.Pointer[snapshot]
-	wg       sync.WaitGroup // the resolver loop and every member's goroutine
+	wg       sync.WaitGroup // the resolver loop, the health notifier and every link's goroutine
+	opened   atomic.Uint64  // connections opened
+	healthc  chan struct{}  // signals a change of health to notifyHealth (buffer 1)
+	metrics  metric.Registration
 
 	mu sync.Mutex
 	// guarded by mu
@@ -149,6 +240,8 @@ type client struct {
 	resolved   bool
 	resolveErr error
 	closed     bool
+	healthy    bool
+	degraded   bool
 }
 
 var (
@@ -156,11 +249,11 @@ var (
 	_ Inspectable = (*client)(nil)
 )
 
-// snapshot is an immutable view of the client's members, replaced whenever the resolved set
-// or a member's state changes. Calls read it without locking.
+// snapshot is an immutable view of the client's members, replaced whenever the resolved set,
+// a member's state or the pool's health changes. Calls read it without locking.
 type snapshot struct {
 	members    []balance.Member // the resolved set, by address
-	ready      []balance.Member // the ready members, by address
+	ready      []balance.Member // the members calls may use, by address: healthy, or ready when degraded
 	connecting int              // members in EndpointConnecting
 	resolved   bool
 	resolveErr error
@@ -168,11 +261,13 @@ type snapshot struct {
 	changed    chan struct{} // closed when a newer snapshot replaces this one
 }
 
-// publishLocked replaces the snapshot, waking calls that wait for a change.
+// publishLocked replaces the snapshot, waking calls that wait for a change, and updates the
+// pool's health.
 //
 // REQUIRES: c.mu is held.
 func (c *client) publishLocked() {
 	s := &snapshot{resolved: c.resolved, resolveErr: c.resolveErr, closed: c.closed, changed: make(chan struct{})}
+	var healthy, ready []balance.Member
 	if !c.closed {
 		for _, m := range c.members {
 			if m.removed {
@@ -181,7 +276,10 @@ func (c *client) publishLocked() {
 			s.members = append(s.members, m)
 			switch EndpointState(m.state.Load()) {
 			case EndpointReady:
-				s.ready = append(s.ready, m)
+				ready = append(ready, m)
+				if m.healthyLocked() {
+					healthy = append(healthy, m)
+				}
 			case EndpointConnecting:
 				s.connecting++
 			}
@@ -189,9 +287,31 @@ func (c *client) publishLocked() {
 	}
 	byAddr := func(a, b balance.Member) int { return cmp.Compare(a.(*member).addr, b.(*member).addr) }
 	slices.SortFunc(s.members, byAddr)
+	degraded := len(healthy) < min(c.pool.MinHealthy, max(len(s.members), 1))
+	if degraded {
+		s.ready = ready
+	} else {
+		s.ready = healthy
+	}
 	slices.SortFunc(s.ready, byAddr)
 	if old := c.snap.Swap(s); old != nil {
 		close(old.changed)
+	}
+	if degraded != c.degraded && c.resolved && !c.closed {
+		if degraded {
+			c.opts.Logger.Warn("weft: too few healthy endpoints; using unhealthy ones and not evicting",
+				slog.String("channel", c.name), slog.Int("healthy", len(healthy)), slog.Int("ready", len(ready)))
+		} else {
+			c.opts.Logger.Info("weft: enough healthy endpoints again", slog.String("channel", c.name), slog.Int("healthy", len(healthy)))
+		}
+	}
+	c.degraded = degraded
+	if h := c.resolved && !c.closed && !degraded; h != c.healthy {
+		c.healthy = h
+		select {
+		case c.healthc <- struct{}{}:
+		default:
+		}
 	}
 }
 
@@ -222,22 +342,24 @@ func (c *client) Call(ctx context.Context, key MethodKey, args []byte, opts Call
 		if err != nil {
 			return nil, err
 		}
-		if m == nil {
-			// Nothing to call yet: wait for the resolver or a member to move on.
-			if err := wait(ctx, s); err != nil {
-				return nil, err
+		var result []byte
+		if m != nil {
+			conn := m.pickConn()
+			if conn == nil {
+				// It lost its connections since s was published; s has been replaced.
+				continue
 			}
-			continue
+			result, err = conn.Call(ctx, key, args, opts)
+			m.record(err)
+			if err == nil || resends >= maxResends || !isUnsent(err) || ctx.Err() != nil {
+				return result, err
+			}
+			// The server never took the call in: the connection was draining or closed,
+			// broke before the request left, or the server refused it with a go-away. The
+			// link publishes its new state at once; pick again from that.
+			resends++
 		}
-		// A ready member's connection is stored before its state becomes ready.
-		result, err := m.conn.Load().Call(ctx, key, args, opts)
-		if err == nil || resends >= maxResends || !isUnsent(err) || ctx.Err() != nil {
-			return result, err
-		}
-		// The server never took the call in: the connection was draining or closed, broke
-		// before the request left, or the server refused it with a go-away. The member
-		// publishes its new state at once; pick again from that.
-		resends++
+		// Nothing to call yet, or a resend: wait for the resolver or a member to move on.
 		if c.snap.Load() == s {
 			if err := wait(ctx, s); err != nil {
 				return nil, err
@@ -279,6 +401,8 @@ func (c *client) pick(s *snapshot, bal balance.Balancer, opts *CallOptions) (*me
 		if !opts.WaitForReady {
 			return nil, m.downError()
 		}
+	case EndpointIdle:
+		c.demand(m)
 	}
 	return nil, nil
 }
@@ -336,8 +460,36 @@ func (c *client) Close() {
 		c.publishLocked()
 	}
 	c.mu.Unlock()
+	unregisterChannel(c)
 	c.cancel()
 	c.wg.Wait()
+	if c.metrics != nil {
+		c.metrics.Unregister()
+	}
+}
+
+// notifyHealth calls ClientOptions.OnHealthChange, one call at a time, when the pool's health
+// changes. It reports unhealthy when the client closes.
+func (c *client) notifyHealth() {
+	defer c.wg.Done()
+	last := false
+	for {
+		select {
+		case <-c.healthc:
+		case <-c.ctx.Done():
+			if last {
+				c.opts.OnHealthChange(false)
+			}
+			return
+		}
+		c.mu.Lock()
+		h := c.healthy
+		c.mu.Unlock()
+		if h != last {
+			last = h
+			c.opts.OnHealthChange(h)
+		}
+	}
 }
 
 // Status implements [Inspectable].
@@ -345,10 +497,15 @@ func (c *client) Status() ConnectionStatus {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	s := c.snap.Load()
-	st := ConnectionStatus{Resolved: c.resolved, ResolveErr: c.resolveErr, Changed: s.changed, Closed: c.closed}
+	st := ConnectionStatus{
+		Name: c.name, Resolved: c.resolved, ResolveErr: c.resolveErr, Healthy: c.healthy,
+		Degraded: c.degraded && c.resolved && !c.closed, Changed: s.changed, Closed: c.closed,
+	}
 	var removed []EndpointStatus
 	for _, bm := range s.members {
-		st.Endpoints = append(st.Endpoints, bm.(*member).statusLocked())
+		e := bm.(*member).statusLocked()
+		st.Wanted += e.Wanted
+		st.Endpoints = append(st.Endpoints, e)
 	}
 	for _, m := range c.members {
 		if m.removed {
@@ -386,7 +543,7 @@ func (c *client) resolveLoop() {
 		}
 		if err != nil {
 			failures++
-			c.opts.Logger.Warn("weft: resolver failed; keeping the last good set", slog.Any("err", err), slog.Int("failures", failures))
+			c.opts.Logger.Warn("weft: resolver failed; keeping the last good set", slog.String("channel", c.name), slog.Any("err", err), slog.Int("failures", failures))
 			c.mu.Lock()
 			c.resolveErr = err
 			c.publishLocked()
@@ -453,7 +610,10 @@ func (c *client) apply(eps []endpoint.Endpoint) {
 	for addr, m := range c.members {
 		if _, keep := want[addr]; !keep && !m.removed {
 			m.removed = true
+			m.demanded = false
 			m.kickLocked()
+			m.refreshLocked()
+			m.leaveIfDoneLocked()
 		}
 	}
 	for addr, ep := range want {
@@ -461,30 +621,127 @@ func (c *client) apply(eps []endpoint.Endpoint) {
 			if m.removed {
 				m.removed = false
 				m.kickLocked()
+				m.refreshLocked()
 			}
 			continue
 		}
-		m := &member{c: c, ep: ep, addr: addr, kick: make(chan struct{}, 1)}
+		m := &member{c: c, ep: ep, addr: addr, rank: rand.Uint64()}
+		m.state.Store(int32(EndpointIdle))
 		c.members[addr] = m
-		c.wg.Add(1)
-		go m.run()
 	}
 	c.resolved, c.resolveErr = true, nil
+	c.rebalanceLocked()
 	c.publishLocked()
 }
 
-// member is one endpoint of a client, with the goroutine that keeps it connected.
+// rebalanceLocked decides how many connections the pool keeps to each endpoint of the set, and
+// starts or retires links to match.
+//
+// With PoolOptions.Size zero, every endpoint gets one. Otherwise Size connections are spread
+// over the good endpoints (neither ejected nor recently failed), preferring those already in
+// use and then a random order fixed per client: one each when there are enough, several each
+// when there are fewer. If no endpoint is good, those that failed longest ago are tried. An
+// endpoint a balancer asked for, and an ejected one with a connection to probe, keep one.
+//
+// REQUIRES: c.mu is held.
+func (c *client) rebalanceLocked() {
+	now := time.Now()
+	var cands []*member
+	for _, m := range c.members {
+		if !m.removed {
+			cands = append(cands, m)
+		}
+	}
+	want := make(map[*member]int, len(cands))
+	if c.pool.Size == 0 {
+		for _, m := range cands {
+			want[m] = 1
+		}
+	} else {
+		var good []*member
+		for _, m := range cands {
+			if (!m.ejected || !now.Before(m.ejectedUntil)) && !now.Before(m.badUntil) {
+				good = append(good, m)
+			}
+		}
+		if len(good) > 0 {
+			slices.SortFunc(good, func(a, b *member) int {
+				if (a.want > 0) != (b.want > 0) {
+					if a.want > 0 {
+						return -1
+					}
+					return 1
+				}
+				return cmp.Compare(a.rank, b.rank)
+			})
+		} else {
+			good = slices.Clone(cands)
+			slices.SortFunc(good, func(a, b *member) int {
+				return cmp.Or(a.badUntil.Compare(b.badUntil), cmp.Compare(a.rank, b.rank))
+			})
+		}
+		if n, size := len(good), c.pool.Size; n >= size {
+			for _, m := range good[:size] {
+				want[m] = 1
+			}
+		} else {
+			for i, m := range good {
+				want[m] = size / n
+				if i < size%n {
+					want[m]++
+				}
+			}
+		}
+		for _, m := range cands {
+			if want[m] == 0 && (m.demanded || (m.ejected && len(m.links) > 0)) {
+				want[m] = 1
+			}
+		}
+	}
+	for _, m := range cands {
+		m.setWantLocked(want[m])
+	}
+}
+
+// demand makes the pool connect to an idle member a balancer picked.
+func (c *client) demand(m *member) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed || m.removed || m.demanded {
+		return
+	}
+	m.demanded = true
+	c.rebalanceLocked()
+	c.publishLocked()
+}
+
+// member is one endpoint of a client, with the links (connections and the goroutines that
+// keep them) the pool wants to it.
 type member struct {
 	c     *client
 	ep    endpoint.Endpoint
 	addr  string
-	state atomic.Int32         // an EndpointState
-	conn  atomic.Pointer[Conn] // the connection calls use; set before the state becomes ready
-	kick  chan struct{}        // wakes the goroutine: removed, revived
+	rank  uint64                  // this client's random preference among endpoints
+	state atomic.Int32            // an EndpointState, derived from the links
+	conns atomic.Pointer[[]*Conn] // connections calls use; stored before state becomes ready
+	fails atomic.Int32            // consecutive calls that failed against the member
+	calls atomic.Uint64
+	errs  atomic.Uint64
 
 	// guarded by c.mu
-	removed bool
-	lastErr error
+	removed      bool
+	demanded     bool // a balancer picked it while idle
+	links        []*link
+	want         int
+	healthyConns int // ready links whose health checks pass
+	lastErr      error
+	badUntil     time.Time // with a pool Size: failed or evicted, used last until then
+	ejected      bool
+	ejections    int
+	ejectedUntil time.Time
+	readmitted   time.Time // when its last ejection ended
+	recent       [recentErrors]RecentError
+	nrecent      int // failures recorded in recent (a ring)
 }
 
 var _ balance.Member = (*member)(nil)
@@ -497,39 +754,202 @@ func (m *member) Ready() bool { return EndpointState(m.state.Load()) == Endpoint
 
 // InFlight implements [balance.Member].
 func (m *member) InFlight() int {
-	if conn := m.conn.Load(); conn != nil {
-		return int(conn.active.Load())
+	n := 0
+	if p := m.conns.Load(); p != nil {
+		for _, conn := range *p {
+			n += int(conn.active.Load())
+		}
 	}
-	return 0
+	return n
 }
 
-// Load implements [balance.Member].
+// Load implements [balance.Member]: the mean of the loads its servers last reported.
 func (m *member) Load() float64 {
-	if conn := m.conn.Load(); conn != nil {
-		return conn.Load()
+	p := m.conns.Load()
+	if p == nil || len(*p) == 0 {
+		return 0
 	}
-	return 0
+	sum := 0.0
+	for _, conn := range *p {
+		sum += conn.Load()
+	}
+	return sum / float64(len(*p))
 }
 
 func (m *member) String() string { return m.addr }
 
-// kickLocked wakes the member's goroutine.
+// pickConn returns the member's connection with the fewest callers, or nil if it has none.
+func (m *member) pickConn() *Conn {
+	p := m.conns.Load()
+	if p == nil {
+		return nil
+	}
+	conns := *p
+	switch len(conns) {
+	case 0:
+		return nil
+	case 1:
+		return conns[0]
+	}
+	best := conns[0]
+	for _, conn := range conns[1:] {
+		if conn.active.Load() < best.active.Load() {
+			best = conn
+		}
+	}
+	return best
+}
+
+// healthyLocked reports whether the member takes calls outside degraded mode.
+//
+// REQUIRES: m.c.mu is held.
+func (m *member) healthyLocked() bool {
+	return EndpointState(m.state.Load()) == EndpointReady && m.healthyConns > 0 && !m.ejected
+}
+
+// kickLocked wakes the member's link goroutines.
 //
 // REQUIRES: m.c.mu is held.
 func (m *member) kickLocked() {
-	select {
-	case m.kick <- struct{}{}:
-	default:
+	for _, l := range m.links {
+		l.kickLocked()
 	}
+}
+
+// refreshLocked derives the member's state and the connections calls use from its links. It
+// reports whether either changed, or the number of healthy connections.
+//
+// REQUIRES: m.c.mu is held.
+func (m *member) refreshLocked() bool {
+	var ready, healthy []*Conn
+	connecting, failed := false, false
+	for _, l := range m.links {
+		switch l.state {
+		case EndpointReady:
+			ready = append(ready, l.conn)
+			if !l.unhealthy {
+				healthy = append(healthy, l.conn)
+			}
+		case EndpointConnecting:
+			connecting = true
+		case EndpointFailed:
+			failed = true
+		}
+	}
+	changed := m.healthyConns != len(healthy)
+	m.healthyConns = len(healthy)
+	use := healthy
+	if len(use) == 0 {
+		use = ready
+	}
+	var old []*Conn
+	if p := m.conns.Load(); p != nil {
+		old = *p
+	}
+	if !slices.Equal(old, use) {
+		changed = true
+		if len(use) == 0 {
+			m.conns.Store(nil)
+		} else {
+			m.conns.Store(&use)
+		}
+	}
+	st := EndpointIdle
+	switch {
+	case m.removed:
+		st = EndpointDraining
+	case len(ready) > 0:
+		st = EndpointReady
+	case connecting:
+		st = EndpointConnecting
+	case failed:
+		st = EndpointFailed
+	}
+	return EndpointState(m.state.Swap(int32(st))) != st || changed
+}
+
+// setWantLocked starts or retires links so that n of them are live. It retires links that are
+// not ready first.
+//
+// REQUIRES: m.c.mu is held.
+func (m *member) setWantLocked(n int) {
+	c := m.c
+	m.want = n
+	var live []*link
+	for _, l := range m.links {
+		if !l.retired {
+			live = append(live, l)
+		}
+	}
+	for len(live) < n {
+		l := &link{m: m, kick: make(chan struct{}, 1), state: EndpointConnecting}
+		m.links = append(m.links, l)
+		live = append(live, l)
+		c.wg.Add(1)
+		go l.run()
+	}
+	if len(live) > n {
+		slices.SortStableFunc(live, func(a, b *link) int {
+			return cmp.Compare(b2i(a.state == EndpointReady), b2i(b.state == EndpointReady))
+		})
+		for _, l := range live[:len(live)-n] {
+			l.retired = true
+			l.kickLocked()
+		}
+	}
+	m.refreshLocked()
+}
+
+func b2i(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+// leaveIfDoneLocked takes a removed member without links out of the client.
+//
+// REQUIRES: m.c.mu is held.
+func (m *member) leaveIfDoneLocked() {
+	if m.removed && len(m.links) == 0 && m.c.members[m.addr] == m {
+		delete(m.c.members, m.addr)
+	}
+}
+
+// noteLocked records a failure for diagnostics.
+//
+// REQUIRES: m.c.mu is held.
+func (m *member) noteLocked(err error) {
+	m.recent[m.nrecent%recentErrors] = RecentError{Time: time.Now(), Err: err}
+	m.nrecent++
 }
 
 // statusLocked describes the member.
 //
 // REQUIRES: m.c.mu is held.
 func (m *member) statusLocked() EndpointStatus {
-	st := EndpointStatus{Address: m.addr, State: EndpointState(m.state.Load()), InFlight: m.InFlight(), Load: m.Load()}
+	st := EndpointStatus{
+		Address: m.addr, State: EndpointState(m.state.Load()), Healthy: m.healthyLocked(),
+		Ejected: m.ejected, Ejections: m.ejections, Wanted: m.want,
+		Load: m.Load(), Calls: m.calls.Load(), Errors: m.errs.Load(),
+	}
+	if m.ejected {
+		st.EjectedUntil = m.ejectedUntil
+	}
+	for _, l := range m.links {
+		if l.conn != nil {
+			st.InFlight += int(l.conn.active.Load())
+		}
+		if l.state == EndpointReady {
+			st.Connections++
+			st.RTT = max(st.RTT, l.rtt)
+		}
+	}
 	if st.State != EndpointReady {
 		st.Err = m.lastErr
+	}
+	for i := max(0, m.nrecent-recentErrors); i < m.nrecent; i++ {
+		st.RecentErrors = append(st.RecentErrors, m.recent[i%recentErrors])
 	}
 	return st
 }
@@ -546,51 +966,106 @@ func (m *member) downError() error {
 	return newError(cat, true, "endpoint "+m.addr+" is down", err)
 }
 
-// setState records the member's state (and its connection, if conn is not nil, and the
-// reason it is not ready) and publishes it if it changed.
-func (m *member) setState(s EndpointState, conn *Conn, err error) {
-	c := m.c
+func (m *member) logFailure(failures int, err error) {
+	log := m.c.opts.Logger
+	lvl := slog.LevelDebug
+	if failures == 1 || failures%10 == 0 {
+		lvl = slog.LevelWarn
+	}
+	log.Log(context.Background(), lvl, "weft: cannot connect to endpoint", slog.String("channel", m.c.name),
+		slog.String("addr", m.addr), slog.Int("failures", failures), slog.Any("err", err))
+}
+
+// link is one connection the pool keeps to a member, with the goroutine that dials it,
+// health-checks it and redials it when it is lost.
+type link struct {
+	m    *member
+	kick chan struct{} // wakes the goroutine: removed, revived, retired, ejected
+
+	// guarded by m.c.mu
+	retired   bool // the pool no longer wants it: drain and exit
+	state     EndpointState
+	conn      *Conn // its connection while ready
+	unhealthy bool  // its last health check failed
+	rtt       time.Duration
+}
+
+// kickLocked wakes the link's goroutine.
+//
+// REQUIRES: l.m.c.mu is held.
+func (l *link) kickLocked() {
+	select {
+	case l.kick <- struct{}{}:
+	default:
+	}
+}
+
+// gone reports whether the link should drain: its member was removed or it was retired.
+func (l *link) gone() bool {
+	l.m.c.mu.Lock()
+	defer l.m.c.mu.Unlock()
+	return l.retired || l.m.removed
+}
+
+// set records the link's state (and its connection while ready) and publishes the change.
+// failures counts the link's consecutive failures; with a pool Size, a failure makes the
+// member a last choice for a while, which may move the link elsewhere.
+func (l *link) set(s EndpointState, conn *Conn, err error, failures int) {
+	m, c := l.m, l.m.c
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if conn != nil {
-		m.conn.Store(conn)
+	l.state, l.conn = s, conn
+	if s == EndpointReady {
+		l.unhealthy = false
+		m.lastErr = nil
+		m.badUntil = time.Time{}
 	}
-	old := EndpointState(m.state.Swap(int32(s)))
-	if err != nil || s == EndpointReady {
+	if err != nil {
 		m.lastErr = err
+		m.noteLocked(err)
 	}
-	if old != s {
+	changed := m.refreshLocked()
+	if s == EndpointFailed && c.pool.Size > 0 && !m.removed {
+		m.badUntil = time.Now().Add(c.opts.Backoff.Delay(failures))
+		c.rebalanceLocked()
+		changed = true
+	}
+	if changed {
 		c.publishLocked()
 	}
 }
 
-// exitIfRemoved reports whether the member is still out of the resolved set, and if so takes
-// it out of the client; its goroutine then exits.
-func (m *member) exitIfRemoved() bool {
-	c := m.c
+// exitIfGone reports whether the link still should drain, and if so takes it out of its
+// member (and a removed member without links out of the client); its goroutine then exits.
+func (l *link) exitIfGone() bool {
+	m, c := l.m, l.m.c
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if !m.removed {
+	if !l.retired && !m.removed {
 		return false
 	}
-	delete(c.members, m.addr)
+	m.links = slices.DeleteFunc(m.links, func(o *link) bool { return o == l })
+	m.refreshLocked()
+	m.leaveIfDoneLocked()
 	c.publishLocked()
 	return true
 }
 
-// isRemoved reports whether the member is out of the resolved set.
-func (m *member) isRemoved() bool {
-	m.c.mu.Lock()
-	defer m.c.mu.Unlock()
-	return m.removed
-}
+// serveOutcome is how a ready connection stopped serving its link.
+type serveOutcome int
 
-// run keeps the member connected until the client closes or the member is removed and its
+const (
+	serveGone    serveOutcome = iota // the link was retired or removed and the connection drained, or the client closed
+	serveLost                        // the connection broke or the server sent a go-away
+	serveEvicted                     // the connection failed a health check and was drained
+)
+
+// run keeps the link connected until the client closes or the link is gone and its
 // connections have drained.
-func (m *member) run() {
-	c := m.c
+func (l *link) run() {
+	m, c := l.m, l.m.c
 	defer c.wg.Done()
-	var old []*Conn // connections lost to a go-away that still finish their calls
+	var old []*Conn // connections that stopped taking calls and still finish theirs
 	defer func() {
 		for _, o := range old {
 			o.Close()
@@ -599,14 +1074,14 @@ func (m *member) run() {
 	failures := 0 // consecutive failures; the first retry is immediate
 	for {
 		old = pruneClosed(old)
-		if failures > 0 && !m.pause(c.opts.Backoff.Delay(failures-1)) {
+		if failures > 0 && !l.pause(c.opts.Backoff.Delay(failures-1)) {
 			return
 		}
 		if c.ctx.Err() != nil {
 			return
 		}
-		if m.isRemoved() {
-			if m.drainOld(old) {
+		if l.gone() {
+			if l.drainOld(old) {
 				return
 			}
 			continue
@@ -618,130 +1093,139 @@ func (m *member) run() {
 			}
 			failures++
 			m.logFailure(failures, err)
-			m.setState(EndpointFailed, nil, err)
+			l.set(EndpointFailed, nil, err, failures)
 			continue
 		}
-		m.setState(EndpointReady, conn, nil)
+		c.opened.Add(1)
+		l.set(EndpointReady, conn, nil, 0)
 		if failures > 0 {
-			c.opts.Logger.Info("weft: endpoint connected", slog.String("addr", m.addr), slog.Int("after_failures", failures))
+			c.opts.Logger.Info("weft: endpoint connected", slog.String("channel", c.name), slog.String("addr", m.addr), slog.Int("after_failures", failures))
 		}
 		born := time.Now()
-		lost := m.serve(conn)
+		outcome, reason := l.serve(conn)
 		if c.ctx.Err() != nil {
 			conn.Close()
 			return
 		}
-		if !lost {
-			// Removed and drained (or removed while reviving failed): go round to exit.
+		if outcome == serveGone {
 			conn.Close()
 			failures = 0
 			continue
-		}
-		// The connection broke or the server sent a go-away. Redial at once if it had been
-		// up for a while; a connection that keeps dying soon after it is made backs off.
-		reason := conn.Err()
-		if reason == nil {
-			reason = errors.New("the server sent a go-away")
 		}
 		if isClosed(conn.Done()) {
 			conn.Close()
 		} else {
 			old = append(old, conn)
 		}
-		if time.Since(born) >= c.opts.Backoff.Base {
+		// A connection that had been up for a while is redialled at once; one that keeps
+		// dying soon after it is made, or that failed its health check, backs off.
+		if outcome == serveLost && time.Since(born) >= c.opts.Backoff.Base {
 			failures = 0
-			m.setState(EndpointConnecting, nil, reason)
+			l.set(EndpointConnecting, nil, reason, 0)
 		} else {
 			failures++
-			m.setState(EndpointFailed, nil, reason)
+			l.set(EndpointFailed, nil, reason, failures)
 		}
-		c.opts.Logger.Info("weft: connection to endpoint lost", slog.String("addr", m.addr), slog.Any("reason", reason))
+		c.opts.Logger.Info("weft: connection to endpoint lost", slog.String("channel", c.name), slog.String("addr", m.addr), slog.Any("reason", reason))
 	}
 }
 
-// serve watches a ready connection. It returns true when the connection stops taking calls
-// (broken, or a go-away) while the member is in the set, and false when the member was
-// removed and the connection has drained and closed, or the client is closed.
-func (m *member) serve(conn *Conn) bool {
-	c := m.c
+// serve watches a ready connection and health-checks it. It returns serveLost when the
+// connection stops taking calls (broken, or a go-away) while the link is wanted,
+// serveEvicted when it failed a health check outside degraded mode (it is then draining), and
+// serveGone when the link was retired or removed and the connection has drained and closed,
+// or the client is closed. The error says why the connection was lost or evicted.
+func (l *link) serve(conn *Conn) (serveOutcome, error) {
+	c := l.m.c
+	check := newChecker(c.pool)
+	defer check.stop()
 	for {
+		wake := check.arm(l.m.ejectedUntilIfEjected())
 		select {
 		case <-conn.drainChan():
-			return true
-		case <-m.kick:
+			reason := conn.Err()
+			if reason == nil {
+				reason = errors.New("the server sent a go-away")
+			}
+			return serveLost, reason
+		case <-l.kick:
 		case <-c.ctx.Done():
-			return false
-		}
-		if !m.isRemoved() {
+			return serveGone, nil
+		case <-wake:
+			check.start(conn)
+			continue
+		case <-check.pong:
+			l.checked(check.done(), nil)
+			continue
+		case <-check.timeout():
+			err := check.fail(conn)
+			if l.checked(0, err) {
+				conn.drain()
+				return serveEvicted, err
+			}
 			continue
 		}
-		// Removed: no new calls; the connection closes once its calls are done, unless the
+		if !l.gone() {
+			continue
+		}
+		// Gone: no new calls; the connection closes once its calls are done, unless the
 		// member is revived first.
-		m.setState(EndpointDraining, nil, nil)
+		l.set(EndpointDraining, conn, nil, 0)
 		conn.drain()
 		for revived := false; !revived; {
 			select {
 			case <-conn.Done():
-				return false
-			case <-m.kick:
+				return serveGone, nil
+			case <-l.kick:
 			case <-c.ctx.Done():
-				return false
+				return serveGone, nil
 			}
-			if !m.isRemoved() {
+			if !l.gone() {
 				if !conn.undrain() {
 					// Too late: it closed or the server sent a go-away meanwhile.
-					return true
+					return serveLost, cmp.Or(conn.Err(), errors.New("closed while draining"))
 				}
 				revived = true
-				m.setState(EndpointReady, nil, nil)
+				l.set(EndpointReady, conn, nil, 0)
 			}
 		}
 	}
 }
 
-// drainOld waits, for a removed member, until its old connections have closed. It returns
-// true if the member left the client, false if it was revived meanwhile.
-func (m *member) drainOld(old []*Conn) bool {
+// drainOld waits, for a link that is gone, until its old connections have closed. It returns
+// true if the link left its member, false if it was revived meanwhile.
+func (l *link) drainOld(old []*Conn) bool {
 	for _, o := range old {
 		select {
 		case <-o.Done():
-		case <-m.kick:
-			if !m.isRemoved() {
+		case <-l.kick:
+			if !l.gone() {
 				return false
 			}
-		case <-m.c.ctx.Done():
+		case <-l.m.c.ctx.Done():
 			return true
 		}
 	}
-	return m.exitIfRemoved()
+	return l.exitIfGone()
 }
 
-// pause waits d before the member's next dial. It returns false if the client closed. A member
-// removed meanwhile stops waiting.
-func (m *member) pause(d time.Duration) bool {
+// pause waits d before the link's next dial. It returns false if the client closed. A link
+// that is gone stops waiting.
+func (l *link) pause(d time.Duration) bool {
 	t := time.NewTimer(d)
 	defer t.Stop()
 	for {
 		select {
 		case <-t.C:
 			return true
-		case <-m.kick:
-			if m.isRemoved() {
+		case <-l.kick:
+			if l.gone() {
 				return true
 			}
-		case <-m.c.ctx.Done():
+		case <-l.m.c.ctx.Done():
 			return false
 		}
 	}
-}
-
-func (m *member) logFailure(failures int, err error) {
-	log := m.c.opts.Logger
-	if failures == 1 || failures%10 == 0 {
-		log.Warn("weft: cannot connect to endpoint", slog.String("addr", m.addr), slog.Int("failures", failures), slog.Any("err", err))
-		return
-	}
-	log.Debug("weft: cannot connect to endpoint", slog.String("addr", m.addr), slog.Int("failures", failures), slog.Any("err", err))
 }
 
 // pruneClosed closes (joining their goroutines) and drops the connections that have closed.

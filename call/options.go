@@ -1,11 +1,14 @@
 package call
 
 import (
+	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"time"
 
 	"github.com/weftrpc/weft/balance"
+	"go.opentelemetry.io/otel/metric"
 	"go.opentelemetry.io/otel/trace"
 )
 
@@ -160,6 +163,25 @@ type ClientOptions struct {
 	// own in CallOptions. If nil, [balance.RoundRobin]. Ignored by a single Conn.
 	Balancer balance.Balancer
 
+	// Name names a Connection in logs, diagnostics ([Channels]) and metrics. If empty, the
+	// resolver's String method names it, or failing that its type.
+	Name string
+
+	// Pool sizes a Connection's pool of connections and configures their health checks, the
+	// ejection of failing endpoints and degraded mode. Ignored by a single Conn.
+	Pool PoolOptions
+
+	// OnHealthChange, if not nil, is called when a Connection becomes healthy or unhealthy
+	// (see [ConnectionStatus].Healthy), one call at a time from a goroutine of the
+	// Connection, and with false when it is closed while healthy. A Connection starts
+	// unhealthy. It must not block for long.
+	OnHealthChange func(healthy bool)
+
+	// MeterProvider, if not nil, receives a Connection's metrics: connections wanted, open,
+	// healthy and opened, health, and calls and errors per endpoint. If nil, none are
+	// recorded.
+	MeterProvider metric.MeterProvider
+
 	// Backoff paces a Connection's reconnection to an endpoint that failed and its retries of a
 	// failed resolver. The zero value means 1s × 1.6 per failure, ±20 % jitter, at most 2
 	// minutes, with an immediate first retry.
@@ -215,6 +237,105 @@ func (o ClientOptions) withDefaults() ClientOptions {
 	}
 	o.Backoff = o.Backoff.withDefaults()
 	return o
+}
+
+// PoolOptions configure the pool of connections of a Connection from [Connect], their health
+// checks and the ejection of endpoints whose calls fail. The zero value of every field means
+// its default.
+type PoolOptions struct {
+	// Size is the number of connections the pool keeps. If zero, one to every endpoint of the
+	// resolved set. Otherwise Size connections spread over distinct endpoints: a subset of
+	// them when there are more endpoints than Size (the rest stay idle until a balancer asks
+	// for one), several to each when there are fewer. A connection to an endpoint that fails
+	// or is ejected is replaced by one to another endpoint when there is one.
+	Size int
+
+	// MinHealthy is the critical minimum of healthy endpoints (capped at the size of the
+	// resolved set). With fewer the Connection reports unhealthy and runs degraded: calls
+	// also go to connected endpoints that failed a health check or are ejected, and nothing
+	// is evicted or ejected, instead of piling every call on the few survivors. If zero, 1.
+	MinHealthy int
+
+	// HealthCheckInterval is how often each connection is pinged. If zero, 5s. If negative,
+	// connections are not pinged (the keepalive of ClientOptions still runs), except to probe
+	// an ejected endpoint.
+	HealthCheckInterval time.Duration
+
+	// HealthCheckTimeout is how long a health check waits for its pong. A connection whose
+	// pong is late is unhealthy: outside degraded mode it is evicted (it stops taking calls,
+	// finishes those it has, and a replacement is dialled). If zero, 2s.
+	HealthCheckTimeout time.Duration
+
+	// EjectAfter is the number of consecutive calls to an endpoint that fail in a way that
+	// points at the server (a communication error, a handler that could not run, a deadline
+	// that expired after the request was sent) after which it is ejected: it takes no calls
+	// until EjectionTime has passed and a ping probe succeeds. If zero, 5. If negative,
+	// endpoints are never ejected.
+	EjectAfter int
+
+	// EjectionTime is how long a first ejection lasts; the n-th ejection in a row lasts n
+	// times as long, up to MaxEjectionTime. An endpoint that stays admitted for
+	// MaxEjectionTime starts again from one. If zero, 10s.
+	EjectionTime time.Duration
+
+	// MaxEjectionTime caps the length of an ejection. If zero, 5 minutes.
+	MaxEjectionTime time.Duration
+
+	// MaxEjectedFraction is the largest fraction of the resolved set that may be ejected at
+	// once; when the set has two endpoints or more, one may always be. If zero, 0.5.
+	MaxEjectedFraction float64
+}
+
+const (
+	defaultHealthInterval = 5 * time.Second
+	defaultHealthTimeout  = 2 * time.Second
+	defaultEjectAfter     = 5
+	defaultEjectionTime   = 10 * time.Second
+	defaultMaxEjection    = 5 * time.Minute
+	defaultMaxEjected     = 0.5
+)
+
+// validate rejects options that have no meaning.
+func (p PoolOptions) validate() error {
+	switch {
+	case p.Size < 0:
+		return fmt.Errorf("call: PoolOptions.Size is %d; it must be 0 (one connection per endpoint) or positive", p.Size)
+	case p.MinHealthy < 0:
+		return fmt.Errorf("call: PoolOptions.MinHealthy is %d; it must not be negative", p.MinHealthy)
+	case math.IsNaN(p.MaxEjectedFraction) || p.MaxEjectedFraction < 0 || p.MaxEjectedFraction > 1:
+		return fmt.Errorf("call: PoolOptions.MaxEjectedFraction is %v; it must be in [0, 1]", p.MaxEjectedFraction)
+	case p.EjectionTime < 0 || p.MaxEjectionTime < 0:
+		return errors.New("call: PoolOptions.EjectionTime and MaxEjectionTime must not be negative")
+	case p.HealthCheckTimeout < 0:
+		return errors.New("call: PoolOptions.HealthCheckTimeout must not be negative")
+	}
+	return nil
+}
+
+func (p PoolOptions) withDefaults() PoolOptions {
+	if p.MinHealthy == 0 {
+		p.MinHealthy = 1
+	}
+	if p.HealthCheckInterval == 0 {
+		p.HealthCheckInterval = defaultHealthInterval
+	}
+	if p.HealthCheckTimeout == 0 {
+		p.HealthCheckTimeout = defaultHealthTimeout
+	}
+	if p.EjectAfter == 0 {
+		p.EjectAfter = defaultEjectAfter
+	}
+	if p.EjectionTime == 0 {
+		p.EjectionTime = defaultEjectionTime
+	}
+	if p.MaxEjectionTime == 0 {
+		p.MaxEjectionTime = defaultMaxEjection
+	}
+	p.MaxEjectionTime = max(p.MaxEjectionTime, p.EjectionTime)
+	if p.MaxEjectedFraction == 0 {
+		p.MaxEjectedFraction = defaultMaxEjected
+	}
+	return p
 }
 
 // CallOptions are per-call options.
