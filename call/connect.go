@@ -236,12 +236,13 @@ type client struct {
 
 	mu sync.Mutex
 	// guarded by mu
-	members    map[string]*member // by address, including removed members still draining
-	resolved   bool
-	resolveErr error
-	closed     bool
-	healthy    bool
-	degraded   bool
+	members        map[string]*member // by address, including removed members still draining
+	resolved       bool
+	resolveErr     error
+	closed         bool
+	healthy        bool
+	degraded       bool
+	warnedDegraded bool // a fall into degraded mode was logged; its recovery will be
 }
 
 var (
@@ -297,13 +298,14 @@ func (c *client) publishLocked() {
 	if old := c.snap.Swap(s); old != nil {
 		close(old.changed)
 	}
-	if degraded != c.degraded && c.resolved && !c.closed {
-		if degraded {
-			c.opts.Logger.Warn("weft: too few healthy endpoints; using unhealthy ones and not evicting",
-				slog.String("channel", c.name), slog.Int("healthy", len(healthy)), slog.Int("ready", len(ready)))
-		} else {
-			c.opts.Logger.Info("weft: enough healthy endpoints again", slog.String("channel", c.name), slog.Int("healthy", len(healthy)))
-		}
+	// A Connection starts degraded; only a fall from health, and the recovery from it, are news.
+	if degraded && !c.degraded && c.resolved && !c.closed {
+		c.warnedDegraded = true
+		c.opts.Logger.Warn("weft: too few healthy endpoints; using unhealthy ones and not evicting",
+			slog.String("channel", c.name), slog.Int("healthy", len(healthy)), slog.Int("ready", len(ready)))
+	} else if !degraded && c.warnedDegraded {
+		c.warnedDegraded = false
+		c.opts.Logger.Info("weft: enough healthy endpoints again", slog.String("channel", c.name), slog.Int("healthy", len(healthy)))
 	}
 	c.degraded = degraded
 	if h := c.resolved && !c.closed && !degraded; h != c.healthy {
