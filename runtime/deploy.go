@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -28,13 +29,28 @@ const (
 	planEnv   = "WEFT_PLAN"    // the deployment's groups, as JSON
 )
 
-// A replica reports that it serves by writing readyLine to file descriptor 3. File descriptor
-// 4 is a pipe the deployer never writes to: when it closes, the deployer is gone and the
-// replica stops.
+// A replica reports that it serves by writing readyLine to file descriptor 3, and then every
+// change of its health as a line: healthyLine, or unhealthyPrefix and the reason. File
+// descriptor 4 is a pipe from the deployer that carries the rotation of every group, one JSON
+// line (a rotationUpdate) per change; when it closes, the deployer is gone and the replica
+// stops.
 //
-// Every group's membership is fixed (all its replicas' sockets), so shard keys never move; a
-// replica that restarts is reconnected to by its callers, whose calls wait for it.
+// A sharded group's rotation is fixed (all its replicas' sockets), so shard keys never move; a
+// replica that restarts is reconnected to by its callers, whose calls wait for it. Other
+// groups' rotations hold their replicas that serve and are healthy.
 const readyLine = "ready\n"
+
+// Health lines a replica writes after readyLine.
+const (
+	healthyLine     = "healthy\n"
+	unhealthyPrefix = "unhealthy: "
+)
+
+// rotationUpdate is a line on a replica's lifeline: the sockets of every group's replicas in
+// rotation.
+type rotationUpdate struct {
+	Rotation map[string][]string
+}
 
 // failedPrefix starts the line a replica writes instead of readyLine when it cannot start.
 const failedPrefix = "failed: "
@@ -61,8 +77,16 @@ type deployment struct {
 	cancel    context.CancelFunc
 	wg        sync.WaitGroup
 
+	health    *health                    // the main process's
+	resolvers map[string]*resolve.Manual // the main process's, by group
+
 	mu    sync.Mutex
 	conns map[string]*groupConn // by group
+
+	rotMu sync.Mutex
+	// guarded by rotMu
+	rotation map[string][]string // sockets in rotation, by group
+	rotating bool                // every replica served once; rotations follow health now
 }
 
 type groupState struct {
@@ -83,8 +107,11 @@ type replica struct {
 	mu       sync.Mutex
 	pid      int    // the current process, or 0
 	state    string // starting, serving, exited
+	healthy  bool   // what the current process last reported
+	reason   string // why it is unhealthy
 	restarts int
-	lastExit string // why the last process exited
+	lastExit string   // why the last process exited
+	life     *os.File // the current process's lifeline, or nil
 }
 
 func (r *replica) name() string { return fmt.Sprintf("%s/%d", r.g.Name, r.index) }
@@ -99,7 +126,8 @@ func startDeployment(ctx context.Context, cfg Config) (*deployment, error) {
 	if err != nil {
 		return nil, fmt.Errorf("runtime: finding this program to start replicas: %w", err)
 	}
-	d := &deployment{cfg: cfg, exe: exe, dir: cfg.Dir, conns: map[string]*groupConn{}}
+	d := &deployment{cfg: cfg, exe: exe, dir: cfg.Dir, conns: map[string]*groupConn{}, health: newHealth(),
+		resolvers: map[string]*resolve.Manual{}, rotation: map[string][]string{}}
 	if d.dir == "" {
 		if d.dir, err = os.MkdirTemp("", "weft-"); err != nil {
 			return nil, fmt.Errorf("runtime: %w", err)
@@ -120,10 +148,12 @@ func startDeployment(ctx context.Context, cfg Config) (*deployment, error) {
 				}
 				return nil, fmt.Errorf("runtime: socket path %q is longer than the %d bytes Unix sockets allow; use a shorter Config.Dir (or TMPDIR) or group name", sock, maxSocketPath)
 			}
-			gs.replicas = append(gs.replicas, &replica{d: d, g: gs, index: i, ready: make(chan struct{}), failed: make(chan string, 1), sock: sock})
+			gs.replicas = append(gs.replicas, &replica{d: d, g: gs, index: i, ready: make(chan struct{}), failed: make(chan string, 1), sock: sock, healthy: true})
 			gs.Sockets = append(gs.Sockets, sock)
 		}
 		d.groups = append(d.groups, gs)
+		d.rotation[gs.Name] = slices.Clone(gs.Sockets)
+		d.resolvers[gs.Name] = resolve.NewManual(unixEndpoints(gs.Sockets)...)
 	}
 	for _, g := range d.groups {
 		for _, r := range g.replicas {
@@ -149,6 +179,10 @@ func startDeployment(ctx context.Context, cfg Config) (*deployment, error) {
 			}
 		}
 	}
+	d.rotMu.Lock()
+	d.rotating = true
+	d.rotMu.Unlock()
+	d.updateRotation() // health reports that arrived during startup
 	cfg.Logger.Info("weft: deployment ready", "groups", len(d.groups), "dir", d.dir)
 	return d, nil
 }
@@ -162,7 +196,7 @@ func (d *deployment) remote(reg *Registration) (call.Connection, bool, error) {
 			defer d.mu.Unlock()
 			c, ok := d.conns[g.Name]
 			if !ok {
-				c = connectGroup(d.ctx, g.Group, d.cfg)
+				c = connectGroup(d.ctx, g.Group, d.cfg, d.resolvers[g.Name], d.health)
 				d.conns[g.Name] = c
 			}
 			return c, true, nil
@@ -244,17 +278,36 @@ func (r *replica) run() error {
 	}
 	readyW.Close()
 	lifeR.Close()
-	defer lifeW.Close()
+	r.mu.Lock()
+	r.life = lifeW
+	r.mu.Unlock()
+	defer func() {
+		r.mu.Lock()
+		r.life = nil
+		r.mu.Unlock()
+		lifeW.Close()
+	}()
 	var copies sync.WaitGroup
 	copies.Add(2)
 	go func() { defer copies.Done(); prefixLines(os.Stdout, stdout, r.name()) }()
 	go func() { defer copies.Done(); prefixLines(os.Stderr, stderr, r.name()) }()
 
-	readyCh := make(chan string, 1)
+	// The status pipe: the ready (or failed) line, then health changes. Its reader ends when
+	// the process is gone.
+	lines := make(chan string)
 	go func() {
-		b, _ := bufio.NewReader(readyR).ReadString('\n')
-		readyCh <- b
-		readyR.Close()
+		defer close(lines)
+		defer readyR.Close()
+		br := bufio.NewReader(readyR)
+		for {
+			line, err := br.ReadString('\n')
+			if line != "" {
+				lines <- line
+			}
+			if err != nil {
+				return
+			}
+		}
 	}()
 	exited := make(chan error, 1)
 	go func() {
@@ -267,17 +320,12 @@ func (r *replica) run() error {
 	stopping := d.ctx.Done()
 	for done := false; !done; {
 		select {
-		case line := <-readyCh:
-			readyCh = nil
-			if line == readyLine {
-				r.setState(cmd.Process.Pid, "serving")
-				r.readyOnce.Do(func() { close(r.ready) })
-			} else if msg, ok := strings.CutPrefix(line, failedPrefix); ok {
-				select {
-				case r.failed <- strings.TrimSpace(msg):
-				default:
-				}
+		case line, ok := <-lines:
+			if !ok {
+				lines = nil
+				continue
 			}
+			r.status(cmd.Process.Pid, line)
 		case exitErr = <-exited:
 			done = true
 		case <-stopping:
@@ -285,8 +333,11 @@ func (r *replica) run() error {
 			done = true
 		}
 	}
-	if readyCh != nil {
-		<-readyCh // the pipe reports EOF now that the process is gone
+	if lines != nil {
+		for line := range lines {
+			// The pipe reports EOF now that the process is gone; a ready line may come first.
+			r.status(cmd.Process.Pid, line)
+		}
 	}
 	if exitErr == nil {
 		exitErr = fmt.Errorf("replica %s exited", r.name())
@@ -294,7 +345,92 @@ func (r *replica) run() error {
 	r.mu.Lock()
 	r.pid, r.state, r.lastExit = 0, "exited", exitErr.Error()
 	r.mu.Unlock()
+	d.updateRotation()
 	return exitErr
+}
+
+// status handles a line of the replica's status pipe.
+func (r *replica) status(pid int, line string) {
+	switch {
+	case line == readyLine:
+		r.setState(pid, "serving")
+		r.readyOnce.Do(func() { close(r.ready) })
+	case strings.HasPrefix(line, failedPrefix):
+		select {
+		case r.failed <- strings.TrimSpace(strings.TrimPrefix(line, failedPrefix)):
+		default:
+		}
+		return
+	case line == healthyLine:
+		r.setHealth(true, "")
+	case strings.HasPrefix(line, unhealthyPrefix):
+		r.setHealth(false, strings.TrimSpace(strings.TrimPrefix(line, unhealthyPrefix)))
+	default:
+		return
+	}
+	r.d.updateRotation()
+}
+
+// setHealth records the health the replica's process reported.
+func (r *replica) setHealth(healthy bool, reason string) {
+	r.mu.Lock()
+	changed := r.healthy != healthy
+	r.healthy, r.reason = healthy, reason
+	r.mu.Unlock()
+	if changed && r.d.ctx.Err() == nil { // while stopping, replicas lose each other: not news
+		lvl := slog.LevelInfo
+		if !healthy {
+			lvl = slog.LevelWarn
+		}
+		r.d.cfg.Logger.Log(context.Background(), lvl, "weft: replica health changed", slog.String("replica", r.name()),
+			slog.Bool("healthy", healthy), slog.String("reason", reason))
+	}
+}
+
+// updateRotation recomputes every group's rotation and, if one changed, gives it to the main
+// process's resolvers and to every replica.
+func (d *deployment) updateRotation() {
+	d.rotMu.Lock()
+	defer d.rotMu.Unlock()
+	if !d.rotating || d.ctx.Err() != nil {
+		return // starting (every replica is in rotation) or stopping (nothing changes now)
+	}
+	changed := false
+	for _, g := range d.groups {
+		rot := g.rotation()
+		if slices.Equal(rot, d.rotation[g.Name]) {
+			continue
+		}
+		changed = true
+		d.rotation[g.Name] = rot
+		d.resolvers[g.Name].Update(unixEndpoints(rot)...)
+		d.cfg.Logger.Info("weft: group rotation changed", slog.String("group", g.Name), slog.Int("replicas", len(rot)), slog.Int("of", len(g.replicas)))
+	}
+	if !changed {
+		return
+	}
+	line, _ := json.Marshal(rotationUpdate{Rotation: d.rotation})
+	line = append(line, '\n')
+	for _, g := range d.groups {
+		for _, r := range g.replicas {
+			r.mu.Lock()
+			if r.life != nil {
+				// A replica that does not read its lifeline must not stall the deployer; every
+				// line holds every rotation, so the next one repairs a lost one.
+				r.life.SetWriteDeadline(time.Now().Add(time.Second))
+				r.life.Write(line)
+			}
+			r.mu.Unlock()
+		}
+	}
+}
+
+func unixEndpoints(socks []string) []endpoint.Endpoint {
+	eps := make([]endpoint.Endpoint, len(socks))
+	for i, s := range socks {
+		eps[i] = endpoint.Unix(s)
+	}
+	return eps
 }
 
 // setState records the replica's process and state for the diagnostics page.
@@ -303,6 +439,9 @@ func (r *replica) setState(pid int, state string) {
 	defer r.mu.Unlock()
 	if state == "starting" && r.pid != 0 || state == "starting" && r.lastExit != "" {
 		r.restarts++
+	}
+	if state == "starting" {
+		r.healthy, r.reason = true, ""
 	}
 	r.pid, r.state = pid, state
 }
@@ -321,16 +460,15 @@ func (r *replica) terminate(cmd *exec.Cmd, exited <-chan error) error {
 	}
 }
 
-// connectGroup returns the connection to every replica of g, with a client span per call when
-// cfg has a tracer.
-func connectGroup(ctx context.Context, g Group, cfg Config) *groupConn {
-	var eps []endpoint.Endpoint
-	for _, s := range g.Sockets {
-		eps = append(eps, endpoint.Unix(s))
+// connectGroup returns the connection to the replicas of g in its rotation, as r resolves
+// them, with a client span per call when cfg has a tracer. Its health counts in h.
+func connectGroup(ctx context.Context, g Group, cfg Config, r resolve.Resolver, h *health) *groupConn {
+	opts := call.ClientOptions{
+		Name: "group " + g.Name, Balancer: groupBalancer(g), Logger: cfg.Logger, Tracer: cfg.Tracer, Backoff: interBackoff,
+		OnHealthChange: func(healthy bool) { h.channel(g.Name, healthy) },
 	}
-	opts := call.ClientOptions{Balancer: groupBalancer(g), Logger: cfg.Logger, Tracer: cfg.Tracer, Backoff: interBackoff}
 	return &groupConn{connect: func() (call.Connection, error) {
-		return call.Connect(ctx, resolve.Constant(eps...), opts)
+		return call.Connect(ctx, r, opts)
 	}}
 }
 
@@ -392,7 +530,8 @@ func (l *groupConn) Close() {
 
 // childPlan is what a replica is told about the deployment.
 type childPlan struct {
-	Groups []Group
+	Groups   []Group
+	Rotation map[string][]string // the sockets in rotation, by group
 }
 
 func (d *deployment) planForChild() childPlan {
@@ -400,6 +539,9 @@ func (d *deployment) planForChild() childPlan {
 	for _, g := range d.groups {
 		p.Groups = append(p.Groups, g.Group)
 	}
+	d.rotMu.Lock()
+	p.Rotation = maps.Clone(d.rotation)
+	d.rotMu.Unlock()
 	return p
 }
 
@@ -431,6 +573,28 @@ func prefixLines(w io.Writer, r io.Reader, name string) {
 	}
 }
 
+// followRotation applies the rotation updates the deployer writes to the lifeline to the
+// replica's resolvers, until the lifeline closes.
+func followRotation(lifeline io.Reader, resolvers map[string]*resolve.Manual, logger *slog.Logger) {
+	sc := bufio.NewScanner(lifeline)
+	sc.Buffer(make([]byte, 0, 64<<10), 16<<20)
+	last := map[string][]string{}
+	for sc.Scan() {
+		var u rotationUpdate
+		if err := json.Unmarshal(sc.Bytes(), &u); err != nil {
+			logger.Warn("weft: bad rotation update from the deployer", slog.Any("err", err))
+			continue
+		}
+		for g, socks := range u.Rotation {
+			if r, ok := resolvers[g]; ok && !slices.Equal(last[g], socks) {
+				last[g] = socks
+				r.Update(unixEndpoints(socks)...)
+			}
+		}
+	}
+	io.Copy(io.Discard, lifeline) // a line too long for the scanner: keep waiting for EOF
+}
+
 // runChild serves the components of this process's group until it is told to stop, then
 // exits the process.
 func runChild(ctx context.Context, cfg Config) error {
@@ -455,6 +619,15 @@ func runChild(ctx context.Context, cfg Config) error {
 	logger := cfg.Logger
 	ctx, stop := signalContext(ctx)
 	defer stop()
+	h := newHealth()
+	resolvers := map[string]*resolve.Manual{}
+	for _, g := range p.Groups {
+		rot, ok := p.Rotation[g.Name]
+		if !ok {
+			rot = g.Sockets
+		}
+		resolvers[g.Name] = resolve.NewManual(unixEndpoints(rot)...)
+	}
 
 	// Connections to the other groups.
 	conns := map[string]*groupConn{}
@@ -484,7 +657,7 @@ func runChild(ctx context.Context, cfg Config) error {
 			defer connsMu.Unlock()
 			c, ok := conns[g.Name]
 			if !ok {
-				c = connectGroup(ctx, g, cfg)
+				c = connectGroup(ctx, g, cfg, resolvers[g.Name], h)
 				conns[g.Name] = c
 			}
 			return c, true, nil
@@ -494,10 +667,10 @@ func runChild(ctx context.Context, cfg Config) error {
 	parentGone := make(chan struct{})
 	go func() {
 		defer close(parentGone)
-		io.Copy(io.Discard, lifeline) // returns when the deployer's end closes
+		followRotation(lifeline, resolvers, logger) // returns when the deployer's end closes
 	}()
 
-	w := newWiring(cfg, remote)
+	w := newWiring(cfg, h, remote)
 	var hm call.HandlerMap
 	for _, c := range mine.Components {
 		reg, ok := lookupName(c)
@@ -526,7 +699,14 @@ func runChild(ctx context.Context, cfg Config) error {
 		served <- call.Serve(serveCtx, call.NetListener(l, &hm), call.ServerOptions{Logger: logger, DrainTimeout: cfg.DrainTimeout, Tracer: cfg.Tracer})
 	}()
 	ready.WriteString(readyLine)
-	ready.Close()
+	defer ready.Close()
+	h.report(func(healthy bool, reason string) {
+		if healthy {
+			ready.WriteString(healthyLine)
+		} else {
+			ready.WriteString(unhealthyPrefix + strings.ReplaceAll(reason, "\n", " ") + "\n")
+		}
+	})
 	logger.Info("weft: replica serving", slog.String("replica", name), slog.String("socket", sock))
 
 	select {

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"html/template"
+	"maps"
 	"net"
 	"net/http"
 	"os"
@@ -29,6 +30,8 @@ type Diagnostics struct {
 	PID        int                 `json:"pid"`
 	Mode       string              `json:"mode"` // "single" or "multi"
 	Started    time.Time           `json:"started"`
+	Healthy    bool                `json:"healthy"`
+	Health     string              `json:"health,omitempty"` // why it is unhealthy
 	Components []ComponentInfo     `json:"components"`
 	Groups     []GroupInfo         `json:"groups,omitempty"`
 	Channels   []ChannelDiagnostic `json:"channels,omitempty"`
@@ -51,12 +54,17 @@ type GroupInfo struct {
 
 // ReplicaInfo is one replica of a group.
 type ReplicaInfo struct {
-	Name     string `json:"name"`
-	Socket   string `json:"socket"`
-	PID      int    `json:"pid,omitempty"`
-	State    string `json:"state"` // starting, serving, exited
-	Restarts int    `json:"restarts"`
-	LastExit string `json:"last_exit,omitempty"`
+	Name    string `json:"name"`
+	Socket  string `json:"socket"`
+	PID     int    `json:"pid,omitempty"`
+	State   string `json:"state"` // starting, serving, exited
+	Healthy bool   `json:"healthy"`
+	Health  string `json:"health,omitempty"` // why it is unhealthy, as it reported
+	// InRotation reports whether callers use the replica: it serves and is healthy, or its
+	// group is sharded, or no replica of its group is.
+	InRotation bool   `json:"in_rotation"`
+	Restarts   int    `json:"restarts"`
+	LastExit   string `json:"last_exit,omitempty"`
 }
 
 // ChannelDiagnostic is this process's Connection to a group: its endpoints' states, calls in
@@ -64,6 +72,7 @@ type ReplicaInfo struct {
 type ChannelDiagnostic struct {
 	Group     string         `json:"group"`
 	Connected bool           `json:"connected"` // false until the first call
+	Healthy   bool           `json:"healthy"`
 	Endpoints []EndpointInfo `json:"endpoints,omitempty"`
 }
 
@@ -71,6 +80,8 @@ type ChannelDiagnostic struct {
 type EndpointInfo struct {
 	Address  string  `json:"address"`
 	State    string  `json:"state"`
+	Healthy  bool    `json:"healthy"`
+	Ejected  bool    `json:"ejected"`
 	InFlight int     `json:"in_flight"`
 	Load     float64 `json:"load"`
 	Error    string  `json:"error,omitempty"`
@@ -100,8 +111,12 @@ func DiagnosticsURL() string {
 // snapshot describes the process now.
 func (g *diag) snapshot() Diagnostics {
 	out := Diagnostics{Process: ReplicaName(), PID: os.Getpid(), Mode: g.mode, Started: g.started}
+	out.Healthy, out.Health = g.w.health.state()
 	groupOf := map[string]string{}
 	if g.d != nil {
+		g.d.rotMu.Lock()
+		rotation := maps.Clone(g.d.rotation)
+		g.d.rotMu.Unlock()
 		for _, gs := range g.d.groups {
 			gi := GroupInfo{Name: gs.Name, Components: gs.Components, Sharded: gs.Sharded}
 			for _, c := range gs.Components {
@@ -109,7 +124,8 @@ func (g *diag) snapshot() Diagnostics {
 			}
 			for _, r := range gs.replicas {
 				r.mu.Lock()
-				gi.Replicas = append(gi.Replicas, ReplicaInfo{Name: r.name(), Socket: r.sock, PID: r.pid, State: cmp.Or(r.state, "starting"), Restarts: r.restarts, LastExit: r.lastExit})
+				gi.Replicas = append(gi.Replicas, ReplicaInfo{Name: r.name(), Socket: r.sock, PID: r.pid, State: cmp.Or(r.state, "starting"),
+					Healthy: r.healthy, Health: r.reason, InRotation: slices.Contains(rotation[gs.Name], r.sock), Restarts: r.restarts, LastExit: r.lastExit})
 				r.mu.Unlock()
 			}
 			out.Groups = append(out.Groups, gi)
@@ -120,8 +136,9 @@ func (g *diag) snapshot() Diagnostics {
 			if gc := g.d.conns[gs.Name]; gc != nil {
 				var st call.ConnectionStatus
 				if st, ch.Connected = gc.status(); ch.Connected {
+					ch.Healthy = st.Healthy
 					for _, e := range st.Endpoints {
-						ei := EndpointInfo{Address: e.Address, State: e.State.String(), InFlight: e.InFlight, Load: e.Load}
+						ei := EndpointInfo{Address: e.Address, State: e.State.String(), Healthy: e.Healthy, Ejected: e.Ejected, InFlight: e.InFlight, Load: e.Load}
 						if e.Err != nil {
 							ei.Error = e.Err.Error()
 						}
@@ -166,24 +183,39 @@ func (g *diag) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
+// serveHealth answers 200 and "healthy" when the process is healthy, and 503 with the reason
+// when it is not, for load balancers and orchestrators' probes.
+func (g *diag) serveHealth(w http.ResponseWriter, _ *http.Request) {
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	w.Header().Set("Cache-Control", "no-store")
+	if ok, reason := g.w.health.state(); !ok {
+		w.WriteHeader(http.StatusServiceUnavailable)
+		fmt.Fprintf(w, "unhealthy: %s\n", reason)
+		return
+	}
+	fmt.Fprintln(w, "healthy")
+}
+
 var pageTemplate = template.Must(template.New("weft").Parse(`<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>weft: {{.Process}}</title>
 <style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin-bottom:1.5em}
 th,td{border:1px solid #ccc;padding:4px 8px;text-align:left}th{background:#eee}</style></head>
 <body><h1>weft: {{.Process}}</h1>
-<p>pid {{.PID}}, {{.Mode}}-process mode, started {{.Started.Format "2006-01-02 15:04:05 MST"}}. <a href="?format=json">JSON</a></p>
+<p>pid {{.PID}}, {{.Mode}}-process mode, started {{.Started.Format "2006-01-02 15:04:05 MST"}},
+{{if .Healthy}}healthy{{else}}<b>unhealthy</b>: {{.Health}}{{end}}.
+<a href="?format=json">JSON</a>, <a href="` + DiagnosticsPath + `/channels">every channel of this process</a>, <a href="` + DiagnosticsPath + `/health">health</a></p>
 <h2>Components</h2>
 <table><tr><th>component</th><th>group</th><th>where</th></tr>
 {{range .Components}}<tr><td>{{.Name}}</td><td>{{.Group}}</td><td>{{.Where}}</td></tr>
 {{end}}</table>
 {{if .Groups}}<h2>Groups and replicas</h2>
-<table><tr><th>replica</th><th>state</th><th>pid</th><th>restarts</th><th>last exit</th><th>socket</th></tr>
-{{range .Groups}}{{range .Replicas}}<tr><td>{{.Name}}</td><td>{{.State}}</td><td>{{.PID}}</td><td>{{.Restarts}}</td><td>{{.LastExit}}</td><td>{{.Socket}}</td></tr>
+<table><tr><th>replica</th><th>state</th><th>health</th><th>in rotation</th><th>pid</th><th>restarts</th><th>last exit</th><th>socket</th></tr>
+{{range .Groups}}{{range .Replicas}}<tr><td>{{.Name}}</td><td>{{.State}}</td><td>{{if .Healthy}}healthy{{else}}unhealthy: {{.Health}}{{end}}</td><td>{{.InRotation}}</td><td>{{.PID}}</td><td>{{.Restarts}}</td><td>{{.LastExit}}</td><td>{{.Socket}}</td></tr>
 {{end}}{{end}}</table>{{end}}
 {{if .Channels}}<h2>Channels</h2>
-<table><tr><th>group</th><th>endpoint</th><th>state</th><th>in flight</th><th>load</th><th>error</th></tr>
-{{range .Channels}}{{$g := .Group}}{{if .Connected}}{{range .Endpoints}}<tr><td>{{$g}}</td><td>{{.Address}}</td><td>{{.State}}</td><td>{{.InFlight}}</td><td>{{.Load}}</td><td>{{.Error}}</td></tr>
-{{end}}{{else}}<tr><td>{{$g}}</td><td colspan="5">not connected yet</td></tr>
+<table><tr><th>group</th><th>endpoint</th><th>state</th><th>healthy</th><th>ejected</th><th>in flight</th><th>load</th><th>error</th></tr>
+{{range .Channels}}{{$g := .Group}}{{if .Connected}}{{range .Endpoints}}<tr><td>{{$g}}</td><td>{{.Address}}</td><td>{{.State}}</td><td>{{.Healthy}}</td><td>{{.Ejected}}</td><td>{{.InFlight}}</td><td>{{.Load}}</td><td>{{.Error}}</td></tr>
+{{end}}{{else}}<tr><td>{{$g}}</td><td colspan="7">not connected yet</td></tr>
 {{end}}{{end}}</table>{{end}}
 </body></html>
 `))
@@ -196,6 +228,8 @@ func serveDiagnostics(ctx context.Context, addr string, g *diag, wg *sync.WaitGr
 	}
 	mux := http.NewServeMux()
 	mux.Handle(DiagnosticsPath, g)
+	mux.Handle(DiagnosticsPath+"/channels", call.ChannelsHandler())
+	mux.HandleFunc(DiagnosticsPath+"/health", g.serveHealth)
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	url := "http://" + l.Addr().String() + DiagnosticsPath
 	current.Lock()

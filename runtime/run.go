@@ -111,10 +111,10 @@ func Run[T any](ctx context.Context, cfg Config, app func(context.Context, *T) e
 			return err
 		}
 		defer d.stop()
-		w = newWiring(cfg, d.remote)
+		w = newWiring(cfg, d.health, d.remote)
 		mode = "multi"
 	} else {
-		w = newWiring(cfg, nil)
+		w = newWiring(cfg, newHealth(), nil)
 	}
 	defer w.close()
 	if err := Fill(main, cfg.Logger.With("component", "main"), w.get); err != nil {
@@ -152,6 +152,7 @@ func embedsMain(t reflect.Type) bool {
 type wiring struct {
 	cfg    Config
 	remote func(reg *Registration) (call.Connection, bool, error)
+	health *health
 
 	mu    sync.Mutex
 	comps map[reflect.Type]any  // interface -> stub
@@ -160,8 +161,8 @@ type wiring struct {
 	busy  map[reflect.Type]bool
 }
 
-func newWiring(cfg Config, remote func(*Registration) (call.Connection, bool, error)) *wiring {
-	return &wiring{cfg: cfg, remote: remote, comps: map[reflect.Type]any{}, local: map[reflect.Type]bool{}, busy: map[reflect.Type]bool{}}
+func newWiring(cfg Config, h *health, remote func(*Registration) (call.Connection, bool, error)) *wiring {
+	return &wiring{cfg: cfg, remote: remote, health: h, comps: map[reflect.Type]any{}, local: map[reflect.Type]bool{}, busy: map[reflect.Type]bool{}}
 }
 
 // get returns the component with interface iface, creating it if needed.
@@ -211,6 +212,9 @@ func (w *wiring) createLocked(reg *Registration) (any, error) {
 	logger := w.cfg.Logger.With("component", shortName(reg.Name))
 	if err := Fill(impl, logger, w.getLocked); err != nil {
 		return nil, err
+	}
+	if hs, ok := impl.(healthSetter); ok {
+		hs.setHealth(w.health, reg.Name)
 	}
 	if in, ok := impl.(interface{ Init(context.Context) error }); ok {
 		if err := in.Init(context.Background()); err != nil {

@@ -35,6 +35,8 @@ import (
 // struct as T's implementation for rpcgen, and gives the implementation its logger.
 type Implements[T any] struct {
 	logger *slog.Logger
+	health *health
+	name   string
 }
 
 // Logger returns the component's logger: [slog.Default] until the runtime sets one labelled
@@ -48,6 +50,21 @@ func (i *Implements[T]) Logger() *slog.Logger {
 
 // setLogger is called by [Fill].
 func (i *Implements[T]) setLogger(l *slog.Logger) { i.logger = l }
+
+// ReportHealth tells the runtime whether the component can do its work: nil when it can, an
+// error saying what is wrong when it cannot (say, its database is unreachable). A process with
+// an unhealthy component is unhealthy: in a multi-process deployment the deployer takes the
+// replica out of its group's rotation (unless the group is sharded, or no replica of it is
+// healthy) until it reports nil again, and the diagnostics page shows the reason. It is safe
+// for concurrent use, and does nothing before the runtime has created the component.
+func (i *Implements[T]) ReportHealth(err error) {
+	if i.health != nil {
+		i.health.component(i.name, err)
+	}
+}
+
+// setHealth is called when the runtime creates the component.
+func (i *Implements[T]) setHealth(h *health, name string) { i.health, i.name = h, name }
 
 // Ref is a field of a component implementation that refers to component T. The runtime fills
 // it with a local or remote stub before the component starts.

@@ -1382,7 +1382,7 @@ func TestProcessChildLogsPrefixed(t *testing.T) {
 	}
 	// Lines of the program itself are not prefixed; every other line is a replica's.
 	for _, l := range out {
-		if strings.HasPrefix(l.text, "[") && !regexp.MustCompile(`^\[(store/[0-2]|front/0|ledger/0)\] `).MatchString(l.text) {
+		if strings.HasPrefix(l.text, "[") && !regexp.MustCompile(`^\[(store/[0-2]|front/0|ledger/0|pool/[01])\] `).MatchString(l.text) {
 			t.Errorf("line with an unknown prefix: %v", l)
 		}
 	}
@@ -1520,4 +1520,29 @@ func TestSoak(t *testing.T) {
 			t.Errorf("round %d: %q, want %q", round, summary, want)
 		}
 	}
+}
+
+// TestProcessUnhealthyReplicaLeavesRotation makes one replica of the Pool report itself
+// unhealthy for 3s: the deployer takes it out of the group's rotation (calls stop reaching
+// it), logs why, and puts it back when it reports healthy again.
+func TestProcessUnhealthyReplicaLeavesRotation(t *testing.T) {
+	p := startProgram(t, "-mode=health -hold=3s -log=info")
+	p.expectRe(`^pool replicas=pool/0,pool/1$`, 30*time.Second)
+	sick := p.expectRe(`^sick=(pool/\d)$`, 10*time.Second)[1]
+	logged := func(re string) {
+		t.Helper()
+		rx := regexp.MustCompile(re)
+		p.await(re, 10*time.Second, func(l outLine) bool { return l.stderr && rx.MatchString(l.text) })
+	}
+	logged(`msg="weft: replica health changed" replica=` + sick + ` healthy=false reason="component testapp/Pool: testapp: told to be sick"`)
+	logged(`msg="weft: group rotation changed" group=pool replicas=1 of=2`)
+	p.expectRe(`^avoided=`+sick+` calls=\d+$`, 30*time.Second)
+	p.expectRe(`^back=`+sick+`$`, 30*time.Second)
+	logged(`msg="weft: replica health changed" replica=` + sick + ` healthy=true`)
+	logged(`msg="weft: group rotation changed" group=pool replicas=2 of=2`)
+	p.expectRe(`^done$`, 10*time.Second)
+	if err := p.wait(30 * time.Second); err != nil {
+		t.Fatalf("program exited with %v", err)
+	}
+	p.requireNoneLeft()
 }

@@ -32,6 +32,7 @@ const (
 	LedgerName = pkg + "Ledger"
 	CycleAName = pkg + "CycleA"
 	CycleBName = pkg + "CycleB"
+	PoolName   = pkg + "Pool"
 )
 
 // MetadataKey is the metadata entry whose value the Store fingerprints into Placed.Metadata.
@@ -75,6 +76,16 @@ type Front interface {
 	Get(ctx context.Context, shard uint64, key string) (Placed, error)
 	Hold(ctx context.Context, shard uint64, d time.Duration) (Placed, error)
 	Print(ctx context.Context, shard uint64, stdout, stderr string) (Placed, error)
+}
+
+// Pool is a replicated component without shards: its calls are balanced over the replicas in
+// its group's rotation.
+type Pool interface {
+	// Who returns the replica that answered.
+	Who(ctx context.Context) (Placed, error)
+	// Sicken makes the replica that answers report itself unhealthy (through
+	// Implements.ReportHealth) for d, and healthy again after that.
+	Sicken(ctx context.Context, d time.Duration) (Placed, error)
 }
 
 // Ledger counts the operations of Front.
@@ -336,4 +347,37 @@ func (c *cycleB) B(ctx context.Context, n int) (string, error) {
 	}
 	s, err := c.a.Get().A(ctx, n-1)
 	return "b" + s, err
+}
+
+type pool struct {
+	runtime.Implements[Pool]
+	mu    sync.Mutex
+	timer *time.Timer
+}
+
+func (p *pool) Who(context.Context) (Placed, error) {
+	return Placed{Replica: runtime.ReplicaName(), Pid: os.Getpid()}, nil
+}
+
+func (p *pool) Sicken(_ context.Context, d time.Duration) (Placed, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.ReportHealth(errors.New("testapp: told to be sick"))
+	if p.timer != nil {
+		p.timer.Stop()
+	}
+	p.timer = time.AfterFunc(d, func() { p.ReportHealth(nil) })
+	return Placed{Replica: runtime.ReplicaName(), Pid: os.Getpid()}, nil
+}
+
+func (p *pool) Init(context.Context) error { return initHook("Pool") }
+
+func (p *pool) Shutdown(context.Context) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.timer != nil {
+		p.timer.Stop()
+	}
+	shutdownHook("Pool")
+	return nil
 }

@@ -6,8 +6,10 @@ import (
 	"flag"
 	"fmt"
 	"log/slog"
+	"maps"
 	"os"
 	"os/signal"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -42,18 +44,22 @@ func Started() bool {
 }
 
 // Groups is the multi-process layout of the application: the Store in a sharded group of
-// replicas, and the other components in two single-replica groups, CycleA and CycleB apart
-// (in one process they are a cycle).
+// replicas, the other components in two single-replica groups, CycleA and CycleB apart (in one
+// process they are a cycle), and the Pool in a group of PoolReplicas.
 func Groups(replicas int) []runtime.Group {
 	return []runtime.Group{
 		{Name: "store", Components: []string{StoreName}, Replicas: replicas, Sharded: true},
 		{Name: "front", Components: []string{FrontName, CycleAName}},
 		{Name: "ledger", Components: []string{LedgerName, CycleBName}},
+		{Name: "pool", Components: []string{PoolName}, Replicas: PoolReplicas},
 	}
 }
 
+// PoolReplicas is the number of replicas of the Pool.
+const PoolReplicas = 2
+
 // Processes is how many replica processes Groups(replicas) runs.
-func Processes(replicas int) int { return replicas + 2 }
+func Processes(replicas int) int { return replicas + 2 + PoolReplicas }
 
 type options struct {
 	mode     string
@@ -70,6 +76,7 @@ type options struct {
 // app is the program's main component.
 type app struct {
 	runtime.Implements[runtime.Main]
+	pool   runtime.Ref[Pool]
 	front  runtime.Ref[Front]
 	store  runtime.Ref[Store]
 	ledger runtime.Ref[Ledger]
@@ -90,7 +97,9 @@ type app struct {
 //     -long, shard 0 prints a line of -long bytes and then a short one;
 //   - secret: calls that carry the secret of EnvSecret as metadata, through the Front and
 //     directly, succeeding and failing in various ways;
-//   - cycle: calls CycleA, which calls CycleB, which calls CycleA.
+//   - cycle: calls CycleA, which calls CycleB, which calls CycleA;
+//   - health: calls the Pool until both replicas answered, makes one sick for -hold, prints
+//     when calls stop reaching it and when they reach it again.
 func Main(args []string) int {
 	var o options
 	fs := flag.NewFlagSet("testapp", flag.ContinueOnError)
@@ -157,6 +166,10 @@ func (a *app) run(ctx context.Context, o options) error {
 		return a.print(o)
 	case "secret":
 		return a.secret(o)
+	case "health":
+		if err := a.health(ctx, o); err != nil {
+			return err
+		}
 	case "cycle":
 		c, cancel := detached(ctx, o.deadline)
 		defer cancel()
@@ -339,5 +352,70 @@ func (a *app) secret(o options) error {
 	p, err = a.front.Get().Get(base, 1, "missing")
 	report("not-found", p, err)
 	fmt.Println("done")
+	return nil
+}
+
+// health shows the deployer taking a sick replica out of rotation and back: it prints
+// "pool replicas=a,b", "sick=r", "avoided=r calls=n" once 50 calls in a row went elsewhere,
+// and "back=r" once a call reaches r again. Each stage gives up after 20 seconds.
+func (a *app) health(ctx context.Context, o options) error {
+	who := func() (string, error) {
+		c, cancel := detached(ctx, o.deadline)
+		defer cancel()
+		p, err := a.pool.Get().Who(c)
+		return p.Replica, err
+	}
+	seen := map[string]bool{}
+	for i := 0; len(seen) < PoolReplicas || o.single && len(seen) < 1; i++ {
+		if i > 1000 {
+			return fmt.Errorf("only %v answered in %d calls", seen, i)
+		}
+		r, err := who()
+		if err != nil {
+			return err
+		}
+		seen[r] = true
+	}
+	fmt.Printf("pool replicas=%s\n", strings.Join(slices.Sorted(maps.Keys(seen)), ","))
+	c, cancel := detached(ctx, o.deadline)
+	p, err := a.pool.Get().Sicken(c, o.hold)
+	cancel()
+	if err != nil {
+		return err
+	}
+	fmt.Printf("sick=%s\n", p.Replica)
+	stage := func(what string, done func(string) bool) (int, error) {
+		give := time.Now().Add(20 * time.Second)
+		for n := 1; ; n++ {
+			r, err := who()
+			if err != nil {
+				return n, err
+			}
+			if done(r) {
+				return n, nil
+			}
+			if time.Now().After(give) {
+				return n, fmt.Errorf("%s: not after %d calls", what, n)
+			}
+			time.Sleep(time.Millisecond)
+		}
+	}
+	run := 0
+	n, err := stage("avoiding "+p.Replica, func(r string) bool {
+		if r == p.Replica {
+			run = 0
+		} else {
+			run++
+		}
+		return run >= 50
+	})
+	if err != nil {
+		return err
+	}
+	fmt.Printf("avoided=%s calls=%d\n", p.Replica, n)
+	if _, err := stage("back to "+p.Replica, func(r string) bool { return r == p.Replica }); err != nil {
+		return err
+	}
+	fmt.Printf("back=%s\n", p.Replica)
 	return nil
 }

@@ -612,6 +612,146 @@ func ledger_add_handlers(impl Ledger, hm *call.HandlerMap) {
 	})
 }
 
+// Component Pool, implemented by pool.
+
+const pool_name = "github.com/weftrpc/weft/runtime/internal/testapp/Pool"
+
+func init() {
+	runtime.Register(runtime.Registration{
+		Name:    pool_name,
+		Iface:   reflect.TypeFor[Pool](),
+		Impl:    reflect.TypeFor[pool](),
+		Methods: []string{"Sicken", "Who"},
+		LocalStub: func(impl any, tracer trace.Tracer) any {
+			return pool_local_stub{impl: impl.(Pool), tracer: tracer}
+		},
+		ClientStub:  func(conn call.Connection) any { return pool_client_stub{conn: conn} },
+		AddHandlers: func(impl any, hm *call.HandlerMap) { pool_add_handlers(impl.(Pool), hm) },
+	})
+}
+
+var (
+	pool_Sicken_key = call.MakeMethodKey(pool_name, "Sicken")
+	pool_Who_key    = call.MakeMethodKey(pool_name, "Who")
+)
+
+// Signature digests of the methods, checked by the server.
+const (
+	pool_Sicken_sig = 0x169dcc9f7a364dc8
+	pool_Who_sig    = 0xc42ac84cabc186de
+)
+
+// pool_local_stub calls a Pool in the same process.
+type pool_local_stub struct {
+	impl   Pool
+	tracer trace.Tracer
+}
+
+var _ Pool = pool_local_stub{}
+
+func (s pool_local_stub) Sicken(ctx context.Context, a1 time.Duration) (r0 Placed, err error) {
+	ctx = call.LocalContext(ctx)
+	if s.tracer != nil {
+		var span trace.Span
+		ctx, span = s.tracer.Start(ctx, "Pool.Sicken", trace.WithSpanKind(trace.SpanKindInternal))
+		defer func() { runtime.EndSpan(span, err) }()
+	}
+	return s.impl.Sicken(ctx, a1)
+}
+
+func (s pool_local_stub) Who(ctx context.Context) (r0 Placed, err error) {
+	ctx = call.LocalContext(ctx)
+	if s.tracer != nil {
+		var span trace.Span
+		ctx, span = s.tracer.Start(ctx, "Pool.Who", trace.WithSpanKind(trace.SpanKindInternal))
+		defer func() { runtime.EndSpan(span, err) }()
+	}
+	return s.impl.Who(ctx)
+}
+
+// pool_client_stub calls a Pool over a weft connection.
+type pool_client_stub struct {
+	conn call.Connection
+}
+
+var _ Pool = pool_client_stub{}
+
+func (s pool_client_stub) Sicken(ctx context.Context, a1 time.Duration) (r0 Placed, err error) {
+	enc := codec.GetEncoder()
+	defer codec.PutEncoder(enc)
+	enc.Duration(a1)
+	if err = enc.Err(); err != nil {
+		return
+	}
+	var reply []byte
+	reply, err = s.conn.Call(ctx, pool_Sicken_key, enc.Data(), call.CallOptions{Signature: pool_Sicken_sig})
+	if err != nil {
+		return
+	}
+	dec := codec.NewOwnedDecoder(reply) // the caller owns the reply
+	out0 := weft_dec_Placed(dec)
+	appErr := dec.Error()
+	if err = dec.Finish(); err != nil {
+		err = runtime.ResultsError("Pool.Sicken", err)
+		return
+	}
+	return out0, appErr
+}
+
+func (s pool_client_stub) Who(ctx context.Context) (r0 Placed, err error) {
+	enc := codec.GetEncoder()
+	defer codec.PutEncoder(enc)
+	if err = enc.Err(); err != nil {
+		return
+	}
+	var reply []byte
+	reply, err = s.conn.Call(ctx, pool_Who_key, enc.Data(), call.CallOptions{Signature: pool_Who_sig})
+	if err != nil {
+		return
+	}
+	dec := codec.NewOwnedDecoder(reply) // the caller owns the reply
+	out0 := weft_dec_Placed(dec)
+	appErr := dec.Error()
+	if err = dec.Finish(); err != nil {
+		err = runtime.ResultsError("Pool.Who", err)
+		return
+	}
+	return out0, appErr
+}
+
+// pool_add_handlers adds a handler per method of impl to hm.
+func pool_add_handlers(impl Pool, hm *call.HandlerMap) {
+	hm.SetSigned(pool_name, "Sicken", pool_Sicken_sig, func(ctx context.Context, args []byte) ([]byte, error) {
+		dec := codec.NewDecoder(args)
+		a1 := dec.Duration()
+		if err := dec.Finish(); err != nil {
+			return nil, runtime.ArgsError("Pool.Sicken", err)
+		}
+		r0, appErr := impl.Sicken(ctx, a1)
+		enc := codec.NewEncoder(nil)
+		weft_enc_Placed(enc, r0)
+		enc.Error(appErr)
+		if err := enc.Err(); err != nil {
+			return nil, err
+		}
+		return enc.Data(), nil
+	})
+	hm.SetSigned(pool_name, "Who", pool_Who_sig, func(ctx context.Context, args []byte) ([]byte, error) {
+		dec := codec.NewDecoder(args)
+		if err := dec.Finish(); err != nil {
+			return nil, runtime.ArgsError("Pool.Who", err)
+		}
+		r0, appErr := impl.Who(ctx)
+		enc := codec.NewEncoder(nil)
+		weft_enc_Placed(enc, r0)
+		enc.Error(appErr)
+		if err := enc.Err(); err != nil {
+			return nil, err
+		}
+		return enc.Data(), nil
+	})
+}
+
 // Component Store, implemented by store.
 
 const store_name = "github.com/weftrpc/weft/runtime/internal/testapp/Store"
