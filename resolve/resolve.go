@@ -2,7 +2,9 @@
 // connects to, which may change over time.
 //
 // [Constant] returns a fixed set. [Manual] returns the set its owner last gave it, and is
-// what tests and deployers use to move a client between servers.
+// what tests and deployers use to move a client between servers. [DNS] resolves a name (A and
+// AAAA records, or SRV) and looks it up again when its records' TTL expires. [File] follows a
+// file that lists endpoints, applying only complete versions of it.
 package resolve
 
 import (
