@@ -66,6 +66,9 @@ func (ne NetEndpoint) String() string { return ne.Address() }
 // (an absolute path) or "unix://relative/path". Any other form returns an error that wraps
 // [ErrBadAddress].
 func Parse(addr string) (NetEndpoint, error) {
+	if i := strings.IndexFunc(addr, func(r rune) bool { return r < 0x20 || r == 0x7f }); i >= 0 {
+		return NetEndpoint{}, fmt.Errorf("%w %q: control character at byte %d", ErrBadAddress, addr, i)
+	}
 	scheme, rest, ok := strings.Cut(addr, "://")
 	if !ok {
 		return NetEndpoint{}, fmt.Errorf("%w %q: want scheme://address", ErrBadAddress, addr)

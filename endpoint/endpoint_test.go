@@ -45,6 +45,7 @@ func TestParseRejects(t *testing.T) {
 	for _, in := range []string{
 		"", "localhost:80", "tcp://", "tcp://localhost", "tcp://localhost:", "tcp://a b:80",
 		"unix://", "udp://localhost:53", "http://example.com:80", "tcp//localhost:80", "unix://a\x00b",
+		"tcp://[\r]:0", "unix:///run/a\nb.sock", "tcp://host\t:80", "unix:///x\x7f",
 	} {
 		t.Run(in, func(t *testing.T) {
 			if got, err := endpoint.Parse(in); !errors.Is(err, endpoint.ErrBadAddress) {
