@@ -77,3 +77,21 @@ func (hm *HandlerMap) lookup(k MethodKey) *handlerEntry {
 	}
 	return nil
 }
+
+// Wrap replaces every handler of the map with wrap(component, method, handler), for example
+// to measure or authorize every call. Handlers set later are not wrapped.
+func (hm *HandlerMap) Wrap(wrap func(component, method string, h Handler) Handler) {
+	hm.mu.Lock()
+	defer hm.mu.Unlock()
+	old := hm.handlers.Load()
+	if old == nil {
+		return
+	}
+	m := make(map[MethodKey]*handlerEntry, len(*old))
+	for k, e := range *old {
+		w := *e
+		w.h = wrap(e.component, e.method, e.h)
+		m[k] = &w
+	}
+	hm.handlers.Store(&m)
+}

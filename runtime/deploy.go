@@ -465,6 +465,7 @@ func (r *replica) terminate(cmd *exec.Cmd, exited <-chan error) error {
 func connectGroup(ctx context.Context, g Group, cfg Config, r resolve.Resolver, h *health) *groupConn {
 	opts := call.ClientOptions{
 		Name: "group " + g.Name, Balancer: groupBalancer(g), Logger: cfg.Logger, Tracer: cfg.Tracer, Backoff: interBackoff,
+		MeterProvider:  cfg.MeterProvider,
 		OnHealthChange: func(healthy bool) { h.channel(g.Name, healthy) },
 	}
 	return &groupConn{connect: func() (call.Connection, error) {
@@ -670,7 +671,14 @@ func runChild(ctx context.Context, cfg Config) error {
 		followRotation(lifeline, resolvers, logger) // returns when the deployer's end closes
 	}()
 
-	w := newWiring(cfg, h, remote)
+	w, err := newWiring(cfg, h, remote)
+	if err != nil {
+		return fail(err)
+	}
+	server, err := newMethodMetrics(cfg.MeterProvider, "server")
+	if err != nil {
+		return fail(err)
+	}
 	var hm call.HandlerMap
 	for _, c := range mine.Components {
 		reg, ok := lookupName(c)
@@ -688,6 +696,7 @@ func runChild(ctx context.Context, cfg Config) error {
 		}
 		reg.AddHandlers(impl, &hm)
 	}
+	server.meterHandlers(&hm)
 	l, err := listenUnix(sock)
 	if err != nil {
 		return fail(err)

@@ -36,7 +36,10 @@ func TestDiagnosticsPage(t *testing.T) {
 		delete(registry.byName, name)
 		delete(registry.byType, reflect.TypeFor[diagIface]())
 	})
-	w := newWiring(Config{Logger: slog.New(slog.DiscardHandler), DrainTimeout: time.Second}, newHealth(), nil)
+	w, err := newWiring(Config{Logger: slog.New(slog.DiscardHandler), DrainTimeout: time.Second}, newHealth(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
 	if _, err := w.get(reflect.TypeFor[diagIface]()); err != nil {
 		t.Fatal(err)
 	}

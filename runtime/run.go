@@ -12,6 +12,7 @@ import (
 
 	"github.com/weftrpc/weft/balance"
 	"github.com/weftrpc/weft/call"
+	"go.opentelemetry.io/otel/metric"
 	"go.opentelemetry.io/otel/trace"
 )
 
@@ -51,6 +52,14 @@ type Config struct {
 
 	// Tracer, if not nil, traces calls between components.
 	Tracer trace.Tracer
+
+	// MeterProvider, if not nil, receives metrics: for calls between processes, per component
+	// method, calls by outcome, duration and request and response sizes, on the client side
+	// (weft.client.*) and the server side (weft.server.*), with rpc.service, rpc.method and
+	// weft.error attributes; and the pool metrics of every Connection between processes (see
+	// call.ClientOptions.MeterProvider). Calls within a process are plain method calls and are
+	// not measured. If nil, nothing is recorded.
+	MeterProvider metric.MeterProvider
 
 	// Dir holds the Unix sockets of a multi-process deployment. If empty, a new temporary
 	// directory, removed when Run returns.
@@ -104,17 +113,20 @@ func Run[T any](ctx context.Context, cfg Config, app func(context.Context, *T) e
 	}
 	var w *wiring
 	var d *deployment
+	var err error
 	mode := "single"
 	if cfg.Multi {
-		var err error
 		if d, err = startDeployment(ctx, cfg); err != nil {
 			return err
 		}
 		defer d.stop()
-		w = newWiring(cfg, d.health, d.remote)
+		w, err = newWiring(cfg, d.health, d.remote)
 		mode = "multi"
 	} else {
-		w = newWiring(cfg, newHealth(), nil)
+		w, err = newWiring(cfg, newHealth(), nil)
+	}
+	if err != nil {
+		return err
 	}
 	defer w.close()
 	if err := Fill(main, cfg.Logger.With("component", "main"), w.get); err != nil {
@@ -153,6 +165,7 @@ type wiring struct {
 	cfg    Config
 	remote func(reg *Registration) (call.Connection, bool, error)
 	health *health
+	client *methodMetrics // nil without Config.MeterProvider
 
 	mu    sync.Mutex
 	comps map[reflect.Type]any  // interface -> stub
@@ -161,8 +174,12 @@ type wiring struct {
 	busy  map[reflect.Type]bool
 }
 
-func newWiring(cfg Config, h *health, remote func(*Registration) (call.Connection, bool, error)) *wiring {
-	return &wiring{cfg: cfg, remote: remote, health: h, comps: map[reflect.Type]any{}, local: map[reflect.Type]bool{}, busy: map[reflect.Type]bool{}}
+func newWiring(cfg Config, h *health, remote func(*Registration) (call.Connection, bool, error)) (*wiring, error) {
+	client, err := newMethodMetrics(cfg.MeterProvider, "client")
+	if err != nil {
+		return nil, fmt.Errorf("runtime: creating metrics: %w", err)
+	}
+	return &wiring{cfg: cfg, remote: remote, health: h, client: client, comps: map[reflect.Type]any{}, local: map[reflect.Type]bool{}, busy: map[reflect.Type]bool{}}, nil
 }
 
 // get returns the component with interface iface, creating it if needed.
@@ -186,7 +203,7 @@ func (w *wiring) getLocked(iface reflect.Type) (any, error) {
 			return nil, err
 		}
 		if ok {
-			c := reg.ClientStub(conn)
+			c := reg.ClientStub(w.client.meter(conn, reg))
 			w.comps[iface] = c
 			return c, nil
 		}
