@@ -33,7 +33,7 @@ func (r *recorder) Meter(string, ...metric.MeterOption) metric.Meter { return re
 func (r *recorder) add(name string, v float64, attrs attribute.Set) {
 	var parts []string
 	for _, kv := range attrs.ToSlice() {
-		parts = append(parts, string(kv.Key)+"="+kv.Value.Emit())
+		parts = append(parts, string(kv.Key)+"="+kv.Value.String())
 	}
 	sort.Strings(parts)
 	key := name + "{" + strings.Join(parts, ",") + "}"
