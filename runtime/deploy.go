@@ -8,6 +8,7 @@ import (
 	"io"
 	"log/slog"
 	"maps"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -620,7 +621,6 @@ func runChild(ctx context.Context, cfg Config) error {
 	logger := cfg.Logger
 	ctx, stop := signalContext(ctx)
 	defer stop()
-	h := newHealth()
 	resolvers := map[string]*resolve.Manual{}
 	for _, g := range p.Groups {
 		rot, ok := p.Rotation[g.Name]
@@ -629,87 +629,24 @@ func runChild(ctx context.Context, cfg Config) error {
 		}
 		resolvers[g.Name] = resolve.NewManual(unixEndpoints(rot)...)
 	}
-
-	// Connections to the other groups.
-	conns := map[string]*groupConn{}
-	var mine Group
-	for _, g := range p.Groups {
-		if g.Name == group {
-			mine = g
-		}
-	}
-	var connsMu sync.Mutex
-	defer func() {
-		connsMu.Lock()
-		defer connsMu.Unlock()
-		for _, c := range conns {
-			c.Close()
-		}
-	}()
-	remote := func(reg *Registration) (call.Connection, bool, error) {
-		for _, g := range p.Groups {
-			if !slices.Contains(g.Components, reg.Name) {
-				continue
-			}
-			if g.Name == group {
-				return nil, false, nil
-			}
-			connsMu.Lock()
-			defer connsMu.Unlock()
-			c, ok := conns[g.Name]
-			if !ok {
-				c = connectGroup(ctx, g, cfg, resolvers[g.Name], h)
-				conns[g.Name] = c
-			}
-			return c, true, nil
-		}
-		return nil, false, fmt.Errorf("component %s is in no group", reg.Name)
-	}
 	parentGone := make(chan struct{})
 	go func() {
 		defer close(parentGone)
 		followRotation(lifeline, resolvers, logger) // returns when the deployer's end closes
 	}()
-
-	w, err := newWiring(cfg, h, remote)
+	hs, err := newHost(ctx, cfg, p.Groups, group, func(g Group) (resolve.Resolver, error) { return resolvers[g.Name], nil })
 	if err != nil {
 		return fail(err)
 	}
-	server, err := newMethodMetrics(cfg.MeterProvider, "server")
-	if err != nil {
-		return fail(err)
-	}
-	var hm call.HandlerMap
-	for _, c := range mine.Components {
-		reg, ok := lookupName(c)
-		if !ok {
-			return fail(fmt.Errorf("component %s is not registered in this program", c))
-		}
-		w.mu.Lock()
-		impl, err := w.createLocked(reg)
-		if err == nil {
-			w.comps[reg.Iface] = reg.LocalStub(impl, cfg.Tracer)
-		}
-		w.mu.Unlock()
-		if err != nil {
-			return fail(err)
-		}
-		reg.AddHandlers(impl, &hm)
-	}
-	server.meterHandlers(&hm)
 	l, err := listenUnix(sock)
 	if err != nil {
+		hs.close()
 		return fail(err)
 	}
-	serveCtx, stopServing := context.WithCancel(context.Background())
-	defer stopServing()
-	served := make(chan error, 1)
-	go func() {
-		served <- call.Serve(serveCtx, call.NetListener(l, &hm), call.ServerOptions{Logger: logger, DrainTimeout: cfg.DrainTimeout, Tracer: cfg.Tracer})
-	}()
+	served, stopServing := hs.serve(l)
 	ready.WriteString(readyLine)
 	defer ready.Close()
-	h.report(func(healthy bool, reason string) {
+	hs.health.report(func(healthy bool, reason string) {
 		if healthy {
 			ready.WriteString(healthyLine)
 		} else {
@@ -726,7 +663,110 @@ func runChild(ctx context.Context, cfg Config) error {
 	}
 	stopServing() // drains: go-away, calls in flight finish
 	<-served
-	w.close()
+	hs.close()
 	os.Exit(0)
 	return nil
+}
+
+// host is a process that serves the components of one group, and reaches the other groups'
+// components through Connections.
+type host struct {
+	cfg    Config
+	w      *wiring
+	health *health
+	hm     call.HandlerMap
+
+	mu    sync.Mutex
+	conns map[string]*groupConn // by group
+}
+
+// newHost creates the components of the group named mine, out of groups. Their references
+// to components of other groups reach them through resolverOf(group).
+func newHost(ctx context.Context, cfg Config, groups []Group, mine string, resolverOf func(Group) (resolve.Resolver, error)) (*host, error) {
+	hs := &host{cfg: cfg, health: newHealth(), conns: map[string]*groupConn{}}
+	var me *Group
+	for i := range groups {
+		if groups[i].Name == mine {
+			me = &groups[i]
+		}
+	}
+	if me == nil {
+		return nil, fmt.Errorf("no group is named %q", mine)
+	}
+	remote := func(reg *Registration) (call.Connection, bool, error) {
+		for _, g := range groups {
+			if !slices.Contains(g.Components, reg.Name) {
+				continue
+			}
+			if g.Name == mine {
+				return nil, false, nil
+			}
+			hs.mu.Lock()
+			defer hs.mu.Unlock()
+			c, ok := hs.conns[g.Name]
+			if !ok {
+				r, err := resolverOf(g)
+				if err != nil {
+					return nil, false, fmt.Errorf("group %s: %w", g.Name, err)
+				}
+				c = connectGroup(ctx, g, cfg, r, hs.health)
+				hs.conns[g.Name] = c
+			}
+			return c, true, nil
+		}
+		return nil, false, fmt.Errorf("component %s is in no group", reg.Name)
+	}
+	w, err := newWiring(cfg, hs.health, remote)
+	if err != nil {
+		return nil, err
+	}
+	hs.w = w
+	server, err := newMethodMetrics(cfg.MeterProvider, "server")
+	if err != nil {
+		return nil, err
+	}
+	for _, c := range me.Components {
+		reg, ok := lookupName(c)
+		if !ok {
+			hs.close()
+			return nil, fmt.Errorf("component %s is not registered in this program", c)
+		}
+		w.mu.Lock()
+		impl, err := w.createLocked(reg)
+		if err == nil {
+			w.comps[reg.Iface] = reg.LocalStub(impl, cfg.Tracer)
+		}
+		w.mu.Unlock()
+		if err != nil {
+			hs.close()
+			return nil, err
+		}
+		reg.AddHandlers(impl, &hs.hm)
+	}
+	server.meterHandlers(&hs.hm)
+	return hs, nil
+}
+
+// serve serves the group's components on l. It returns a channel that receives Serve's result,
+// and a function that drains the server (go-away, then the calls in flight finish, for at
+// most Config.DrainTimeout).
+func (hs *host) serve(l net.Listener) (<-chan error, context.CancelFunc) {
+	serveCtx, stopServing := context.WithCancel(context.Background())
+	served := make(chan error, 1)
+	go func() {
+		served <- call.Serve(serveCtx, call.NetListener(l, &hs.hm), call.ServerOptions{Logger: hs.cfg.Logger, DrainTimeout: hs.cfg.DrainTimeout, Tracer: hs.cfg.Tracer})
+	}()
+	return served, stopServing
+}
+
+// close shuts the components down and closes the Connections to other groups.
+func (hs *host) close() {
+	if hs.w != nil {
+		hs.w.close()
+	}
+	hs.mu.Lock()
+	defer hs.mu.Unlock()
+	for _, c := range hs.conns {
+		c.Close()
+	}
 }
