@@ -539,17 +539,17 @@ var errIDsExhausted = errors.New("request ids exhausted; a new connection is nee
 // Call implements [Connection].
 func (c *Conn) Call(ctx context.Context, key MethodKey, args []byte, opts CallOptions) ([]byte, error) {
 	if ctx.Err() != nil {
-		return nil, ctxError(ctx, true)
+		return nil, markLocal(ctxError(ctx, true))
 	}
 	var deadline time.Duration
 	d, hasDeadline := ctx.Deadline()
 	if hasDeadline {
 		if deadline = time.Until(d); deadline <= 0 {
-			return nil, &callError{category: context.DeadlineExceeded, neverRan: true, msg: "deadline expired before sending"}
+			return nil, &callError{category: context.DeadlineExceeded, neverRan: true, local: true, msg: "deadline expired before sending"}
 		}
 	}
 	if len(args) > int(c.peer.maxMessage) {
-		return nil, newError(ErrMessageTooLarge, true, fmt.Sprintf("request of %d bytes exceeds the server's limit of %d", len(args), c.peer.maxMessage), nil)
+		return nil, markLocal(newError(ErrMessageTooLarge, true, fmt.Sprintf("request of %d bytes exceeds the server's limit of %d", len(args), c.peer.maxMessage), nil))
 	}
 	c.active.Add(1)
 	defer c.leave()
@@ -580,7 +580,7 @@ func (c *Conn) Call(ctx context.Context, key MethodKey, args []byte, opts CallOp
 	if err := c.encodeHeader(ctx, cc, key, opts.Signature, hasDeadline, deadline, len(args)); err != nil {
 		<-c.slots
 		c.putCall(cc)
-		return nil, err
+		return nil, markLocal(err)
 	}
 	cc.msg.typ = frameCall
 	cc.msg.head = cc.hdr

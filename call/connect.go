@@ -146,7 +146,7 @@ type EndpointStatus struct {
 	Healthy bool
 
 	// Ejected reports whether the endpoint is ejected for failing calls, until EjectedUntil
-	// and then a successful probe. Ejections counts its ejections.
+	// and then a successful probe. Ejections counts its ejections (a failed probe is one).
 	Ejected      bool
 	EjectedUntil time.Time
 	Ejections    int
@@ -399,12 +399,17 @@ func (c *client) pick(s *snapshot, bal balance.Balancer, opts *CallOptions) (*me
 	switch EndpointState(m.state.Load()) {
 	case EndpointReady:
 		return m, nil
-	case EndpointFailed:
-		if !opts.WaitForReady {
+	case EndpointFailed, EndpointIdle:
+		if slices.Contains(s.ready, bm) {
+			// It was ready when s was published and has changed since: a newer snapshot is
+			// on its way. Pick again from it.
+			return nil, nil
+		}
+		if EndpointState(m.state.Load()) == EndpointIdle {
+			c.demand(m) // a shard's owner the pool keeps no connection to
+		} else if !opts.WaitForReady {
 			return nil, m.downError()
 		}
-	case EndpointIdle:
-		c.demand(m)
 	}
 	return nil, nil
 }
@@ -705,6 +710,23 @@ func (c *client) rebalanceLocked() {
 	}
 }
 
+// spareLocked reports whether the pool could move a connection away from m: it keeps a Size
+// and has another endpoint that is idle, not ejected and not backing off after a failure.
+//
+// REQUIRES: c.mu is held.
+func (c *client) spareLocked(m *member) bool {
+	if c.pool.Size == 0 {
+		return false
+	}
+	now := time.Now()
+	for _, o := range c.members {
+		if o != m && !o.removed && o.want == 0 && (!o.ejected || !now.Before(o.ejectedUntil)) && !now.Before(o.badUntil) {
+			return true
+		}
+	}
+	return false
+}
+
 // demand makes the pool connect to an idle member a balancer picked.
 func (c *client) demand(m *member) {
 	c.mu.Lock()
@@ -731,19 +753,21 @@ type member struct {
 	errs  atomic.Uint64
 
 	// guarded by c.mu
-	removed      bool
-	demanded     bool // a balancer picked it while idle
-	links        []*link
-	want         int
-	healthyConns int // ready links whose health checks pass
-	lastErr      error
-	badUntil     time.Time // with a pool Size: failed or evicted, used last until then
-	ejected      bool
-	ejections    int
-	ejectedUntil time.Time
-	readmitted   time.Time // when its last ejection ended
-	recent       [recentErrors]RecentError
-	nrecent      int // failures recorded in recent (a ring)
+	removed        bool
+	demanded       bool // a balancer picked it while idle
+	links          []*link
+	want           int
+	healthyConns   int // ready links whose health checks pass
+	lastErr        error
+	failures       int       // consecutive failures of its links to connect or stay connected
+	badUntil       time.Time // with a pool Size: failed or evicted, used last until then
+	ejected        bool
+	ejections      int // ejections in a row, which set the length of the next
+	ejectionsTotal int
+	ejectedUntil   time.Time
+	readmitted     time.Time // when its last ejection ended
+	recent         [recentErrors]RecentError
+	nrecent        int // failures recorded in recent (a ring)
 }
 
 var _ balance.Member = (*member)(nil)
@@ -932,7 +956,7 @@ func (m *member) noteLocked(err error) {
 func (m *member) statusLocked() EndpointStatus {
 	st := EndpointStatus{
 		Address: m.addr, State: EndpointState(m.state.Load()), Healthy: m.healthyLocked(),
-		Ejected: m.ejected, Ejections: m.ejections, Wanted: m.want,
+		Ejected: m.ejected, Ejections: m.ejectionsTotal, Wanted: m.want,
 		Load: m.Load(), Calls: m.calls.Load(), Errors: m.errs.Load(),
 	}
 	if m.ejected {
@@ -1010,17 +1034,22 @@ func (l *link) gone() bool {
 }
 
 // set records the link's state (and its connection while ready) and publishes the change.
-// failures counts the link's consecutive failures; with a pool Size, a failure makes the
-// member a last choice for a while, which may move the link elsewhere.
-func (l *link) set(s EndpointState, conn *Conn, err error, failures int) {
+// With a pool Size, a failure makes the member a last choice until its backoff (which grows
+// with the member's consecutive failures, whichever link had them) has passed, which may move
+// the link elsewhere; a link started for it meanwhile waits that long before dialling.
+func (l *link) set(s EndpointState, conn *Conn, err error) {
 	m, c := l.m, l.m.c
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	l.state, l.conn = s, conn
-	if s == EndpointReady {
+	switch s {
+	case EndpointReady:
 		l.unhealthy = false
 		m.lastErr = nil
 		m.badUntil = time.Time{}
+		m.failures = 0
+	case EndpointFailed:
+		m.failures++
 	}
 	if err != nil {
 		m.lastErr = err
@@ -1028,13 +1057,21 @@ func (l *link) set(s EndpointState, conn *Conn, err error, failures int) {
 	}
 	changed := m.refreshLocked()
 	if s == EndpointFailed && c.pool.Size > 0 && !m.removed {
-		m.badUntil = time.Now().Add(c.opts.Backoff.Delay(failures))
+		m.badUntil = time.Now().Add(c.opts.Backoff.Delay(m.failures))
 		c.rebalanceLocked()
 		changed = true
 	}
 	if changed {
 		c.publishLocked()
 	}
+}
+
+// cooldown returns how long a new link must wait before its first dial: until the member's
+// backoff after its last failure has passed.
+func (l *link) cooldown() time.Duration {
+	l.m.c.mu.Lock()
+	defer l.m.c.mu.Unlock()
+	return time.Until(l.m.badUntil)
 }
 
 // exitIfGone reports whether the link still should drain, and if so takes it out of its
@@ -1074,6 +1111,9 @@ func (l *link) run() {
 		}
 	}()
 	failures := 0 // consecutive failures; the first retry is immediate
+	if d := l.cooldown(); d > 0 && !l.pause(d) {
+		return
+	}
 	for {
 		old = pruneClosed(old)
 		if failures > 0 && !l.pause(c.opts.Backoff.Delay(failures-1)) {
@@ -1095,11 +1135,11 @@ func (l *link) run() {
 			}
 			failures++
 			m.logFailure(failures, err)
-			l.set(EndpointFailed, nil, err, failures)
+			l.set(EndpointFailed, nil, err)
 			continue
 		}
 		c.opened.Add(1)
-		l.set(EndpointReady, conn, nil, 0)
+		l.set(EndpointReady, conn, nil)
 		if failures > 0 {
 			c.opts.Logger.Info("weft: endpoint connected", slog.String("channel", c.name), slog.String("addr", m.addr), slog.Int("after_failures", failures))
 		}
@@ -1120,13 +1160,17 @@ func (l *link) run() {
 			old = append(old, conn)
 		}
 		// A connection that had been up for a while is redialled at once; one that keeps
-		// dying soon after it is made, or that failed its health check, backs off.
-		if outcome == serveLost && time.Since(born) >= c.opts.Backoff.Base {
+		// dying (or failing its health checks) soon after it is made backs off. An evicted
+		// connection's endpoint does not answer: calls do not wait for its redial.
+		if time.Since(born) >= c.opts.Backoff.Base {
 			failures = 0
-			l.set(EndpointConnecting, nil, reason, 0)
 		} else {
 			failures++
-			l.set(EndpointFailed, nil, reason, failures)
+		}
+		if outcome == serveLost && failures == 0 {
+			l.set(EndpointConnecting, nil, reason)
+		} else {
+			l.set(EndpointFailed, nil, reason)
 		}
 		c.opts.Logger.Info("weft: connection to endpoint lost", slog.String("channel", c.name), slog.String("addr", m.addr), slog.Any("reason", reason))
 	}
@@ -1140,7 +1184,7 @@ func (l *link) run() {
 func (l *link) serve(conn *Conn) (serveOutcome, error) {
 	c := l.m.c
 	check := newChecker(c.pool)
-	defer check.stop()
+	defer check.stop(conn)
 	for {
 		wake := check.arm(l.m.ejectedUntilIfEjected())
 		select {
@@ -1172,7 +1216,7 @@ func (l *link) serve(conn *Conn) (serveOutcome, error) {
 		}
 		// Gone: no new calls; the connection closes once its calls are done, unless the
 		// member is revived first.
-		l.set(EndpointDraining, conn, nil, 0)
+		l.set(EndpointDraining, conn, nil)
 		conn.drain()
 		for revived := false; !revived; {
 			select {
@@ -1188,7 +1232,7 @@ func (l *link) serve(conn *Conn) (serveOutcome, error) {
 					return serveLost, cmp.Or(conn.Err(), errors.New("closed while draining"))
 				}
 				revived = true
-				l.set(EndpointReady, conn, nil, 0)
+				l.set(EndpointReady, conn, nil)
 			}
 		}
 	}

@@ -13,7 +13,6 @@ import (
 	"fmt"
 	"math"
 	"net"
-	"os"
 	"slices"
 	"strings"
 	"sync"
@@ -29,15 +28,6 @@ import (
 	"github.com/weftrpc/weft/internal/testkit"
 	"github.com/weftrpc/weft/resolve"
 )
-
-// cpBug skips a test that shows a bug of the code under test, so that the package's tests
-// pass while the bug is open; set WEFT_TEST_BUGS=1 to run it and see it fail.
-func cpBug(t *testing.T, bug string) {
-	t.Helper()
-	if os.Getenv("WEFT_TEST_BUGS") == "" {
-		t.Skip("BUG: " + bug + " (WEFT_TEST_BUGS=1 runs it)")
-	}
-}
 
 // cpEndpoint is an endpoint whose connections pass through a relay in the bubble, so that a
 // test can make dials fail or wait, hold every byte in both directions without closing
@@ -754,7 +744,6 @@ func TestCPSubsetReplacesFailing(t *testing.T) {
 // With every endpoint down, subset mode redials with the backoff: no more dials than a pool
 // that keeps one connection per endpoint (RELIABILITY.md scenario 19: no reconnect storm).
 func TestCPSubsetAllDownBackoff(t *testing.T) {
-	cpBug(t, "with a pool Size and every endpoint down, each failure moves the connection to another endpoint whose new link dials at once, so the backoff never grows (about one dial a second for ever)")
 	for _, size := range []int{0, 1, 2} {
 		t.Run(fmt.Sprint("size ", size), func(t *testing.T) {
 			cbBubble(t, func(t *testing.T) {
@@ -860,7 +849,6 @@ func cpStaleBalancer(addr string, down func()) balance.Balancer {
 // A call whose balancer picked a ready member that failed before the pick was checked goes to
 // another ready member; it does not fail as unreachable while others are up.
 func TestCPStalePickFailed(t *testing.T) {
-	cpBug(t, "pick fails a call with ErrUnreachable (\"endpoint is down\") when the member the balancer chose from PickInfo.Ready failed after the snapshot was taken, although other members are ready; seen under load over TCP when a backend is killed")
 	cbBubble(t, func(t *testing.T) {
 		bs := cpBackends(t, "a", "b")
 		a, b := bs[0], bs[1]
@@ -882,7 +870,6 @@ func TestCPStalePickFailed(t *testing.T) {
 // In subset mode a call that picked a member just replaced (now idle) from a stale snapshot
 // does not make the pool keep a connection to it for ever.
 func TestCPStalePickIdle(t *testing.T) {
-	cpBug(t, "pick treats a member that became idle after the snapshot (replaced in subset mode because it failed) as a shard owner: it marks it demanded, which is never cleared, so the pool keeps dialling the failed endpoint beyond Size for ever")
 	cbBubble(t, func(t *testing.T) {
 		bs := cpBackends(t, "a", "b", "c")
 		conn := cpConnect(t, call.ClientOptions{Pool: call.PoolOptions{Size: 1}}, bs...)
@@ -1017,7 +1004,6 @@ func TestCPHealthCheckEvicts(t *testing.T) {
 // evicted before, when it had been healthy for long in between: the backoff is for endpoints
 // that keep failing, not a count kept for ever.
 func TestCPEvictionBackoffResets(t *testing.T) {
-	cpBug(t, "a link's count of consecutive failures is not reset when it connects, and an eviction adds to it: after being evicted k times, even days apart, a connection that fails a health check is replaced only after Backoff.Delay(k-1) (up to 2 minutes)")
 	cbBubble(t, func(t *testing.T) {
 		bs := cpBackends(t, "a", "b")
 		a := bs[0]
@@ -1162,7 +1148,6 @@ func TestCPHealthChecksDisabled(t *testing.T) {
 // Health checks more frequent than the server's ping rate limit (10 a second after a burst of
 // 64) must not get the connection disconnected as a ping flood.
 func TestCPHealthCheckFastInterval(t *testing.T) {
-	cpBug(t, "a HealthCheckInterval under 100ms pings faster than the server's ping rate limit: every connection is dropped as a ping flood (go-away code 2) after a few seconds, then redialled")
 	cbBubble(t, func(t *testing.T) {
 		b := cpNewBackend(t, "a", call.ServerOptions{})
 		conn := cpConnect(t, call.ClientOptions{Pool: call.PoolOptions{HealthCheckInterval: 50 * time.Millisecond, HealthCheckTimeout: 25 * time.Millisecond}}, b)
@@ -1182,7 +1167,6 @@ func TestCPSubsetEvictionReplaces(t *testing.T) {
 	for _, size := range []int{2, 1} {
 		t.Run(fmt.Sprint("size ", size), func(t *testing.T) {
 			if size == 1 {
-				cpBug(t, "with Size 1 the only connection failing its health check makes the pool degraded (no healthy endpoint), so it is kept and never replaced by an idle endpoint; calls keep going into the partition until keepalive kills it")
 			}
 			cbBubble(t, func(t *testing.T) {
 				bs := cpBackends(t, "a", "b", "c", "d")
@@ -1228,7 +1212,6 @@ func TestCPSubsetEjectionReplaces(t *testing.T) {
 	for _, size := range []int{2, 1} {
 		t.Run(fmt.Sprint("size ", size), func(t *testing.T) {
 			if size == 1 {
-				cpBug(t, "with Size 1 ejecting the only connected endpoint would leave fewer than MinHealthy healthy endpoints (idle endpoints count in the set but not as healthy), so it is never ejected nor replaced: its calls keep failing while idle endpoints wait")
 			}
 			cbBubble(t, func(t *testing.T) {
 				bs := cpBackends(t, "a", "b", "c", "d")
@@ -1319,7 +1302,6 @@ func TestCPProbeFails(t *testing.T) {
 // MinHealthy above the pool's Size can never be met: Connect should reject it (or cap it), not
 // return a Connection that stays unhealthy and degraded for ever.
 func TestCPMinHealthyAboveSize(t *testing.T) {
-	cpBug(t, "PoolOptions.MinHealthy above Size is accepted and counts idle endpoints of the set, so the Connection is unhealthy and degraded for ever although every connection it keeps is healthy")
 	cbBubble(t, func(t *testing.T) {
 		bs := cpBackends(t, "a", "b", "c", "d")
 		ctx := cbCtx(t, time.Minute)
@@ -1420,7 +1402,6 @@ func TestCPEjection(t *testing.T) {
 
 // Status().Ejections counts every ejection of the endpoint, as EndpointStatus documents.
 func TestCPEjectionsCounted(t *testing.T) {
-	cpBug(t, "EndpointStatus.Ejections is reset to 0 (and shows 1 after the next ejection) when an endpoint stayed admitted for MaxEjectionTime; it is documented to count the endpoint's ejections")
 	cbBubble(t, func(t *testing.T) {
 		bs := cpBackends(t, "a", "b")
 		a := bs[0]
@@ -1801,7 +1782,6 @@ func TestCPDegradedUsesEjected(t *testing.T) {
 // A partition that lasts in degraded mode must not get the connection dropped when it heals:
 // the health checks queued meanwhile must not arrive as a ping flood.
 func TestCPDegradedHealFlood(t *testing.T) {
-	cpBug(t, "in degraded mode every health check queues a new PING on the unanswered connection; after a partition of some seconds they all reach the server at the heal, above its burst of 64, and the server drops the connection as a ping flood")
 	cbBubble(t, func(t *testing.T) {
 		b := cpNewBackend(t, "a", call.ServerOptions{})
 		conn := cpConnect(t, call.ClientOptions{KeepaliveInterval: -1, Pool: call.PoolOptions{

@@ -68,6 +68,10 @@ type callError struct {
 	// closed, broke before the request left, or refused it with a go-away. A Connection sends
 	// such a call to another member.
 	unsent bool
+
+	// local means that the client rejected the call before sending anything (its context was
+	// done, or the request broke a limit of the server's): it says nothing about the server.
+	local bool
 }
 
 func (e *callError) Error() string {
@@ -111,6 +115,20 @@ func newError(category error, neverRan bool, msg string, cause error) error {
 // unsentError returns an error for a call the server never took in; see callError.unsent.
 func unsentError(category error, msg string, cause error) error {
 	return &callError{category: category, neverRan: true, msg: msg, cause: cause, unsent: true}
+}
+
+// markLocal marks err, a *callError, as a call the client rejected before sending it.
+func markLocal(err error) error {
+	if ce, ok := err.(*callError); ok {
+		ce.local = true
+	}
+	return err
+}
+
+// wasSent reports whether a call that returned err reached its server.
+func wasSent(err error) bool {
+	ce, ok := err.(*callError)
+	return !ok || !ce.unsent && !ce.local
 }
 
 // isUnsent reports whether err is an unsent error of a call.

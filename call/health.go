@@ -22,6 +22,12 @@ type checker struct {
 	id       uint64
 	started  time.Time
 	err      error // why the outstanding ping could not be sent
+
+	// A ping that timed out and has not been answered yet. No other ping is sent until it is:
+	// a connection that does not answer must not pile pings up for the server.
+	late      <-chan struct{}
+	lateID    uint64
+	lateSince time.Time
 }
 
 func newChecker(p PoolOptions) *checker {
@@ -35,9 +41,16 @@ func newChecker(p PoolOptions) *checker {
 	return k
 }
 
-func (k *checker) stop() {
+// stop stops the timers and forgets the pings of conn that are still unanswered.
+func (k *checker) stop(conn *Conn) {
 	k.timer.Stop()
 	k.tmo.Stop()
+	if k.pending && k.err == nil {
+		conn.cancelPing(k.id)
+	}
+	if k.late != nil {
+		conn.cancelPing(k.lateID)
+	}
 }
 
 // arm returns a channel that fires when the next check is due: the next periodic check, or
@@ -59,9 +72,20 @@ func (k *checker) arm(ejectedUntil time.Time) <-chan time.Time {
 	return k.timer.C
 }
 
-// start sends a ping on conn.
+// start sends a ping on conn, unless an earlier one is still unanswered: that check fails at
+// once.
 func (k *checker) start(conn *Conn) {
 	k.pending, k.started = true, time.Now()
+	if k.late != nil {
+		select {
+		case <-k.late:
+			k.late = nil // answered after all
+		default:
+			k.err = fmt.Errorf("health check: the ping sent to %s %v ago is still unanswered", conn.Addr(), time.Since(k.lateSince).Round(time.Millisecond))
+			k.tmo.Reset(0)
+			return
+		}
+	}
 	k.id, k.pong, k.err = conn.startPing()
 	if k.err != nil {
 		k.tmo.Reset(0)
@@ -89,7 +113,8 @@ func (k *checker) done() time.Duration {
 func (k *checker) fail(conn *Conn) error {
 	err := k.err
 	if err == nil {
-		conn.cancelPing(k.id)
+		// Keep waiting for its pong, without sending another ping meanwhile.
+		k.late, k.lateID, k.lateSince = k.pong, k.id, k.started
 		err = fmt.Errorf("health check: no pong from %s within %v", conn.Addr(), k.limit)
 	}
 	k.finish()
@@ -136,6 +161,7 @@ func (l *link) checked(rtt time.Duration, err error) bool {
 	m.noteLocked(err)
 	if probe {
 		m.ejections++
+		m.ejectionsTotal++
 		m.ejectedUntil = now.Add(c.ejectionTime(m.ejections))
 		c.opts.Logger.Warn("weft: probe of ejected endpoint failed; ejected again", slog.String("channel", c.name),
 			slog.String("addr", m.addr), slog.Int("ejections", m.ejections), slog.Time("until", m.ejectedUntil))
@@ -144,7 +170,7 @@ func (l *link) checked(rtt time.Duration, err error) bool {
 	if m.refreshLocked() || probe {
 		c.publishLocked()
 	}
-	if c.degraded {
+	if c.degraded && !c.spareLocked(m) {
 		c.opts.Logger.Debug("weft: keeping a connection that failed its health check: degraded", slog.String("channel", c.name), slog.String("addr", m.addr), slog.Any("err", err))
 		return false
 	}
@@ -170,6 +196,9 @@ func (m *member) ejectedUntilIfEjected() time.Time {
 // record counts the outcome of a call sent to the member: a success ends a run of failures,
 // and a run of EjectAfter failures that point at the server ejects it.
 func (m *member) record(err error) {
+	if err != nil && !wasSent(err) {
+		return
+	}
 	m.calls.Add(1)
 	if err == nil {
 		if m.fails.Load() != 0 {
@@ -207,11 +236,16 @@ func countsAgainst(err error) bool {
 
 // ejectLocked ejects m after fails consecutive failures, unless that would eject more than
 // PoolOptions.MaxEjectedFraction of the set or leave fewer than MinHealthy healthy endpoints,
-// or the pool is degraded.
+// or the pool is degraded — except that a pool with a Size and an idle endpoint to replace m
+// with always ejects it.
 //
 // REQUIRES: c.mu is held.
 func (c *client) ejectLocked(m *member, fails int) {
-	if c.closed || m.removed || m.ejected || c.degraded {
+	if c.closed || m.removed || m.ejected {
+		return
+	}
+	spare := c.spareLocked(m)
+	if c.degraded && !spare {
 		return
 	}
 	total, ejected, healthy := 0, 0, 0
@@ -231,7 +265,7 @@ func (c *client) ejectLocked(m *member, fails int) {
 	if allowed < 1 && total >= 2 {
 		allowed = 1
 	}
-	if ejected >= allowed || (m.healthyLocked() && healthy-1 < min(c.pool.MinHealthy, total)) {
+	if ejected >= allowed || !spare && m.healthyLocked() && healthy-1 < min(c.pool.MinHealthy, total) {
 		return
 	}
 	now := time.Now()
@@ -239,6 +273,7 @@ func (c *client) ejectLocked(m *member, fails int) {
 		m.ejections = 0
 	}
 	m.ejections++
+	m.ejectionsTotal++
 	m.ejected = true
 	m.ejectedUntil = now.Add(c.ejectionTime(m.ejections))
 	c.opts.Logger.Warn("weft: ejecting endpoint after failed calls", slog.String("channel", c.name), slog.String("addr", m.addr),

@@ -251,12 +251,13 @@ type PoolOptions struct {
 	Size int
 
 	// MinHealthy is the critical minimum of healthy endpoints (capped at the size of the
-	// resolved set). With fewer the Connection reports unhealthy and runs degraded: calls
+	// resolved set, and at most Size when Size is set). With fewer the Connection reports unhealthy and runs degraded: calls
 	// also go to connected endpoints that failed a health check or are ejected, and nothing
 	// is evicted or ejected, instead of piling every call on the few survivors. If zero, 1.
 	MinHealthy int
 
-	// HealthCheckInterval is how often each connection is pinged. If zero, 5s. If negative,
+	// HealthCheckInterval is how often each connection is pinged. If zero, 5s. Values under
+	// 200ms are raised to 200ms: servers accept at most 10 pings a second. If negative,
 	// connections are not pinged (the keepalive of ClientOptions still runs), except to probe
 	// an ejected endpoint.
 	HealthCheckInterval time.Duration
@@ -293,6 +294,7 @@ const (
 	defaultEjectionTime   = 10 * time.Second
 	defaultMaxEjection    = 5 * time.Minute
 	defaultMaxEjected     = 0.5
+	minHealthInterval     = 200 * time.Millisecond
 )
 
 // validate rejects options that have no meaning.
@@ -308,6 +310,8 @@ func (p PoolOptions) validate() error {
 		return errors.New("call: PoolOptions.EjectionTime and MaxEjectionTime must not be negative")
 	case p.HealthCheckTimeout < 0:
 		return errors.New("call: PoolOptions.HealthCheckTimeout must not be negative")
+	case p.Size > 0 && p.MinHealthy > p.Size:
+		return fmt.Errorf("call: PoolOptions.MinHealthy (%d) is more than Size (%d): the pool could never be healthy", p.MinHealthy, p.Size)
 	}
 	return nil
 }
@@ -318,6 +322,9 @@ func (p PoolOptions) withDefaults() PoolOptions {
 	}
 	if p.HealthCheckInterval == 0 {
 		p.HealthCheckInterval = defaultHealthInterval
+	}
+	if p.HealthCheckInterval > 0 {
+		p.HealthCheckInterval = max(p.HealthCheckInterval, minHealthInterval)
 	}
 	if p.HealthCheckTimeout == 0 {
 		p.HealthCheckTimeout = defaultHealthTimeout
