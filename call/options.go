@@ -174,7 +174,7 @@ type ClientOptions struct {
 	// OnHealthChange, if not nil, is called when a Connection becomes healthy or unhealthy
 	// (see [ConnectionStatus].Healthy), one call at a time from a goroutine of the
 	// Connection, and with false when it is closed while healthy. A Connection starts
-	// unhealthy. It must not block for long.
+	// unhealthy. It must not block for long, nor close the Connection (Close waits for it).
 	OnHealthChange func(healthy bool)
 
 	// MeterProvider, if not nil, receives a Connection's metrics: connections wanted, open,

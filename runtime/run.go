@@ -41,9 +41,20 @@ type Config struct {
 	// component runs in the calling process.
 	Multi bool
 
+	// Distributed runs the application as one of the processes of a deployment spread over
+	// machines by an orchestrator (weft starts no processes): with Serve empty, this process
+	// runs the main component and reaches every other component at its group's Addresses;
+	// with Serve set, it serves that group's components on the group's Listen address until
+	// it receives SIGTERM or an interrupt (or ctx is done), then drains and returns nil. Every
+	// group needs Addresses. Exclusive with Multi.
+	Distributed bool
+
+	// Serve names the group this process serves in a distributed deployment.
+	Serve string
+
 	// Groups places components in processes: each group's components share a process, and
 	// the group runs Replicas of them. A component in no group gets a group of its own with
-	// one replica. Ignored unless Multi is set.
+	// one replica. Ignored unless Multi or Distributed is set.
 	Groups []Group
 
 	// Logger receives the runtime's logs and is the parent of every component's logger. If
@@ -89,6 +100,17 @@ type Group struct {
 	// (call.WithShardKey) go to the replica that owns the key.
 	Sharded bool
 
+	// Listen is where a process serving the group listens in a distributed deployment, as
+	// endpoint.Parse reads it ("tcp://:9000", "unix:///run/app/store.sock").
+	Listen string `json:",omitempty"`
+
+	// Addresses are where callers find the group's replicas in a distributed deployment:
+	// endpoint addresses ("tcp://10.0.0.5:9000", ...), or a single "dns:" entry resolved
+	// through DNS and followed as its records change ("dns:store.app.svc.cluster.local:9000",
+	// or an SRV name "dns:_weft._tcp.store.app.svc.cluster.local"). A sharded group's keys
+	// are spread over its addresses in order, so they move when the set changes.
+	Addresses []string `json:",omitempty"`
+
 	// Sockets are the replicas' Unix sockets, set by the deployment.
 	Sockets []string `json:",omitempty"`
 }
@@ -115,14 +137,42 @@ func Run[T any](ctx context.Context, cfg Config, app func(context.Context, *T) e
 	var d *deployment
 	var err error
 	mode := "single"
-	if cfg.Multi {
+	if cfg.Distributed {
+		groups, err := plan(cfg)
+		if err != nil {
+			return err
+		}
+		if err := checkDistributed(cfg, groups); err != nil {
+			return err
+		}
+		if cfg.Serve != "" {
+			return serveDistributed(ctx, cfg, groups)
+		}
+	} else if cfg.Serve != "" {
+		return fmt.Errorf("runtime: Config.Serve (%q) needs Config.Distributed", cfg.Serve)
+	}
+	switch {
+	case cfg.Distributed:
+		h := newHealth()
+		groups, _ := plan(cfg)
+		get, closeConns := remoteGroups(context.WithoutCancel(ctx), cfg, groups, h)
+		defer closeConns()
+		w, err = newWiring(cfg, h, func(reg *Registration) (call.Connection, bool, error) {
+			c, err := get(reg)
+			if err != nil {
+				return nil, false, err
+			}
+			return c, true, nil
+		})
+		mode = "distributed"
+	case cfg.Multi:
 		if d, err = startDeployment(ctx, cfg); err != nil {
 			return err
 		}
 		defer d.stop()
 		w, err = newWiring(cfg, d.health, d.remote)
 		mode = "multi"
-	} else {
+	default:
 		w, err = newWiring(cfg, newHealth(), nil)
 	}
 	if err != nil {

@@ -24,6 +24,7 @@ import (
 	"reflect"
 	"sort"
 	"sync"
+	"sync/atomic"
 	"unsafe"
 
 	"github.com/weftrpc/weft/call"
@@ -240,10 +241,17 @@ func ArgsError(method string, err error) error {
 }
 
 // ReplicaName names the process a component runs in: "group/index" in a replica of a
-// multi-process deployment, "main" otherwise.
+// multi-process deployment, "group@hostname" in a process serving a group of a distributed
+// deployment, "main" otherwise.
 func ReplicaName() string {
 	if name := os.Getenv(childEnv); name != "" {
 		return name
 	}
+	if name, ok := servingName.Load().(string); ok {
+		return name
+	}
 	return "main"
 }
+
+// servingName is ReplicaName in a process serving a group of a distributed deployment.
+var servingName atomic.Value
