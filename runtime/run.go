@@ -52,6 +52,10 @@ type Config struct {
 	// Serve names the group this process serves in a distributed deployment.
 	Serve string
 
+	// Listen, if not empty, replaces the served group's Listen address in this process (for
+	// replicas of a group that share a machine).
+	Listen string
+
 	// Groups places components in processes: each group's components share a process, and
 	// the group runs Replicas of them. A component in no group gets a group of its own with
 	// one replica. Ignored unless Multi or Distributed is set.

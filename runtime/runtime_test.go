@@ -10,6 +10,8 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -1545,4 +1547,151 @@ func TestProcessUnhealthyReplicaLeavesRotation(t *testing.T) {
 		t.Fatalf("program exited with %v", err)
 	}
 	p.requireNoneLeft()
+}
+
+// freePorts returns n TCP ports of 127.0.0.1 that were free a moment ago.
+func freePorts(t *testing.T, n int) []int {
+	t.Helper()
+	var ports []int
+	var ls []net.Listener
+	for range n {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		ls = append(ls, l)
+		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
+	}
+	for _, l := range ls {
+		l.Close()
+	}
+	return ports
+}
+
+// TestDistributedDeployment runs the application as separate programs, as an orchestrator
+// would: one per replica of every group, each serving on its own TCP port as the shared
+// configuration file says, and a main program that reaches them at the listed addresses.
+// Calls work across them, shards go to both store replicas, and every program stops cleanly
+// on SIGTERM.
+func TestDistributedDeployment(t *testing.T) {
+	ports := freePorts(t, 6)
+	addr := func(i int) string { return fmt.Sprintf("tcp://127.0.0.1:%d", ports[i]) }
+	conf := fmt.Sprintf(`{
+  "mode": "distributed",
+  "drain_timeout": "2s",
+  "groups": [
+    {"name": "store", "components": [%q], "sharded": true, "addresses": [%q, %q]},
+    {"name": "front", "components": [%q, %q], "listen": %q, "addresses": [%q]},
+    {"name": "ledger", "components": [%q, %q], "listen": %q, "addresses": [%q]},
+    {"name": "pool", "components": [%q], "addresses": [%q]}
+  ]
+}`, testapp.StoreName, addr(0), addr(1),
+		testapp.FrontName, testapp.CycleAName, addr(2), addr(2),
+		testapp.LedgerName, testapp.CycleBName, addr(3), addr(3),
+		testapp.PoolName, addr(4))
+	path := filepath.Join(t.TempDir(), "weft.json")
+	if err := os.WriteFile(path, []byte(conf), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	type server struct {
+		group string
+		port  int
+		p     *program
+		pid   int
+	}
+	servers := []*server{{"store", ports[0], nil, 0}, {"store", ports[1], nil, 0}, {"front", ports[2], nil, 0}, {"ledger", ports[3], nil, 0}, {"pool", ports[4], nil, 0}}
+	for _, s := range servers {
+		args := fmt.Sprintf("-weft.config=%s -weft.serve=%s -log=info", path, s.group)
+		if s.group == "store" {
+			args += fmt.Sprintf(" -weft.listen=tcp://127.0.0.1:%d", s.port)
+		}
+		if s.group == "pool" {
+			args += fmt.Sprintf(" -weft.listen=tcp://127.0.0.1:%d -weft.diagnostics=127.0.0.1:%d", s.port, ports[5])
+		}
+		s.p = startProgram(t, args)
+	}
+	for _, s := range servers {
+		re := regexp.MustCompile(fmt.Sprintf(`msg="weft: serving" group=%s listen=127\.0\.0\.1:%d$`, s.group, s.port))
+		s.p.await(re.String(), 30*time.Second, func(l outLine) bool { return l.stderr && re.MatchString(l.text) })
+		s.pid = s.p.cmd.Process.Pid
+	}
+	// A process serving a group answers health probes on its diagnostics page.
+	resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d%s/health", ports[5], runtime.DiagnosticsPath))
+	if err != nil {
+		t.Fatalf("health probe of the pool's process: %v", err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK || strings.TrimSpace(string(body)) != "healthy" {
+		t.Errorf("health probe: %d %q, want 200 \"healthy\"", resp.StatusCode, body)
+	}
+
+	main := startProgram(t, fmt.Sprintf("-weft.config=%s -mode=idle -replicas=2", path))
+	pids := map[int]bool{}
+	for shard := range 2 {
+		m := main.expectRe(fmt.Sprintf(`^shard=%d replica=store@\S+ pid=(\d+)$`, shard), 30*time.Second)
+		pids[atoi(t, m[1])] = true
+	}
+	if !pids[servers[0].pid] || !pids[servers[1].pid] {
+		t.Errorf("shards 0 and 1 ran in processes %v, want the two store servers %d and %d", pids, servers[0].pid, servers[1].pid)
+	}
+	main.expectRe(`^ready$`, 30*time.Second)
+	main.signal(syscall.SIGTERM)
+	if err := main.wait(30 * time.Second); err != nil {
+		t.Fatalf("main program exited with %v", err)
+	}
+	main.requireNoneLeft()
+	for _, s := range servers {
+		s.p.signal(syscall.SIGTERM)
+	}
+	for _, s := range servers {
+		if err := s.p.wait(30 * time.Second); err != nil {
+			t.Errorf("%s server on port %d exited with %v", s.group, s.port, err)
+		}
+		want := fmt.Sprintf("%s: shutdown replica=%s@", s.group, s.group)
+		s.p.await(strconv.Quote(want), time.Second, func(l outLine) bool { return strings.HasPrefix(l.text, want) })
+		s.p.requireNoneLeft()
+	}
+}
+
+// TestDistributedBadConfig checks Run's errors for distributed configurations it cannot
+// run.
+func TestDistributedBadConfig(t *testing.T) {
+	groups := func(mod func([]runtime.Group)) []runtime.Group {
+		gs := testapp.Groups(1)
+		for i := range gs {
+			gs[i].Addresses = []string{fmt.Sprintf("tcp://127.0.0.1:%d", 1+i)}
+			gs[i].Listen = gs[i].Addresses[0]
+		}
+		if mod != nil {
+			mod(gs)
+		}
+		return gs
+	}
+	for _, tt := range []struct {
+		name string
+		cfg  runtime.Config
+		want string
+	}{
+		{"no addresses", runtime.Config{Distributed: true, Groups: groups(func(gs []runtime.Group) { gs[1].Addresses = nil })}, `group "front" (` + testapp.FrontName},
+		{"bad address", runtime.Config{Distributed: true, Groups: groups(func(gs []runtime.Group) { gs[0].Addresses = []string{"udp://x:1"} })}, `group "store": Addresses: endpoint: bad address`},
+		{"dns among others", runtime.Config{Distributed: true, Groups: groups(func(gs []runtime.Group) { gs[0].Addresses = []string{"tcp://a:1", "dns:b:1"} })}, `must be the only entry`},
+		{"bad dns", runtime.Config{Distributed: true, Groups: groups(func(gs []runtime.Group) { gs[0].Addresses = []string{"dns:no port here"} })}, `group "store": Addresses:`},
+		{"unknown group served", runtime.Config{Distributed: true, Serve: "nope", Groups: groups(nil)}, `Config.Serve names group "nope", but the groups are store, front, ledger, pool`},
+		{"no listen", runtime.Config{Distributed: true, Serve: "front", Groups: groups(func(gs []runtime.Group) { gs[1].Listen = "" })}, `group "front", which this process serves, has no Listen address`},
+		{"bad listen", runtime.Config{Distributed: true, Serve: "front", Groups: groups(func(gs []runtime.Group) { gs[1].Listen = "front:80" })}, `group "front": Listen: endpoint: bad address`},
+		{"multi too", runtime.Config{Distributed: true, Multi: true, Groups: groups(nil)}, `Config.Multi and Config.Distributed are exclusive`},
+		{"serve without distributed", runtime.Config{Serve: "front", Groups: groups(nil)}, `Config.Serve ("front") needs Config.Distributed`},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			ran := false
+			err := runtime.Run(context.Background(), tt.cfg, func(context.Context, *shopApp) error { ran = true; return nil })
+			if err == nil || !strings.Contains(err.Error(), tt.want) {
+				t.Errorf("Run: %v; want an error containing %q", err, tt.want)
+			}
+			if ran {
+				t.Error("the application ran")
+			}
+		})
+	}
 }

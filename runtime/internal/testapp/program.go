@@ -114,6 +114,7 @@ func Main(args []string) int {
 	fs.DurationVar(&o.hold, "hold", 2*time.Second, "hold: how long the Store holds the call")
 	fs.IntVar(&o.long, "long", 0, "print: length of a long line")
 	drain := fs.Duration("drain", 0, "Config.DrainTimeout")
+	flags := runtime.RegisterFlags(fs)
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -133,15 +134,19 @@ func Main(args []string) int {
 			}
 		}
 	}
-	cfg := runtime.Config{
+	cfg, err := flags.Config(runtime.Config{
 		Multi:        !o.single,
 		Logger:       slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: lvl})),
 		Groups:       Groups(o.replicas),
 		DrainTimeout: *drain,
+	})
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "testapp:", err)
+		return 2
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	err := runtime.Run(ctx, cfg, func(ctx context.Context, a *app) error { return a.run(ctx, o) })
+	err = runtime.Run(ctx, cfg, func(ctx context.Context, a *app) error { return a.run(ctx, o) })
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "testapp:", err)
 		return 1
