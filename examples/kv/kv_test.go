@@ -3,7 +3,9 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -12,8 +14,11 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
+
+	"github.com/weftrpc/weft/runtime"
 )
 
 // The example is built with `go build` (with -race when this test is) and run as a real
@@ -209,4 +214,98 @@ func TestKV(t *testing.T) {
 			t.Errorf("key %s was on %s, and on %s in a second run", k, where[k], again[k])
 		}
 	}
+}
+
+// TestKVDistributed runs the example as a distributed deployment on this machine, as
+// k8s/kv.yaml runs it on a cluster: k8s/weft.json with loopback addresses, one process per
+// replica serving its group on its own port, and the main program. Its results are those of
+// the other modes, the keys spread over the three store servers, and every server stops on
+// SIGTERM.
+func TestKVDistributed(t *testing.T) {
+	exe := buildKV(t)
+	cfg, err := runtime.LoadConfig(filepath.Join("k8s", "weft.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ports []int
+	for range 5 {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
+		l.Close()
+	}
+	addr := func(i int) string { return fmt.Sprintf("tcp://127.0.0.1:%d", ports[i]) }
+	type server struct {
+		group, listen string
+	}
+	var servers []server
+	next := 0
+	var groups []map[string]any
+	for _, g := range cfg.Groups {
+		var addrs []string
+		n := len(g.Addresses)
+		if !g.Sharded {
+			n = 1
+		}
+		for range n {
+			addrs = append(addrs, addr(next))
+			servers = append(servers, server{g.Name, addr(next)})
+			next++
+		}
+		groups = append(groups, map[string]any{"name": g.Name, "components": g.Components, "sharded": g.Sharded, "listen": g.Listen, "addresses": addrs})
+	}
+	if len(servers) != len(ports) {
+		t.Fatalf("k8s/weft.json has %d replicas to serve, want 5", len(servers))
+	}
+	local, _ := json.Marshal(map[string]any{"mode": "distributed", "drain_timeout": "2s", "groups": groups})
+	path := filepath.Join(t.TempDir(), "weft.json")
+	if err := os.WriteFile(path, local, 0o600); err != nil {
+		t.Fatal(err)
+	}
+
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	var cmds []*exec.Cmd
+	var outs []*bytes.Buffer
+	for _, s := range servers {
+		cmd := exec.CommandContext(ctx, exe, "-weft.config="+path, "-weft.serve="+s.group, "-weft.listen="+s.listen)
+		cmd.Env = append(os.Environ(), strings.TrimSpace("GORACE="+os.Getenv("GORACE")+" atexit_sleep_ms=0"))
+		var out bytes.Buffer
+		cmd.Stdout, cmd.Stderr = &out, &out
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		cmds, outs = append(cmds, cmd), append(outs, &out)
+	}
+	defer func() {
+		for _, c := range cmds {
+			c.Process.Kill()
+			c.Wait()
+		}
+	}()
+
+	r := runKV(t, exe, "-weft.config="+path)
+	where, rest := placement(t, appLines(r.stdout))
+	servedBy := map[string]bool{}
+	for _, k := range keys {
+		if !regexp.MustCompile(`^store@\S+$`).MatchString(where[k]) {
+			t.Errorf("key %s is on %q, want a store server", k, where[k])
+		}
+		servedBy[where[k]] = true
+	}
+	if len(servedBy) != 1 { // every store server has the same name, store@host, on one machine
+		t.Errorf("keys on %v", servedBy)
+	}
+	if !slices.Contains(rest, "done") || !slices.Contains(rest, "audit: 10 get") || !slices.Contains(rest, "get durian: not found=true (key not found)") {
+		t.Errorf("kv printed\n%s", strings.Join(r.stdout, "\n"))
+	}
+	for i, c := range cmds {
+		c.Process.Signal(syscall.SIGTERM)
+		if err := c.Wait(); err != nil {
+			t.Errorf("%s server on %s exited with %v:\n%s", servers[i].group, servers[i].listen, err, outs[i])
+		}
+	}
+	cmds = nil
 }

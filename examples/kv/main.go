@@ -4,7 +4,9 @@
 //
 // By default every component runs in its own child processes (the store in three), calling
 // each other over weft's protocol on Unix sockets; with -single they all run in this process
-// and call each other directly. The application code is the same in both modes.
+// and call each other directly. With -weft.config and -weft.serve it runs as one process of a
+// distributed deployment (see k8s/ for Kubernetes). The application code is the same in every
+// mode.
 //
 //	go run ./examples/kv           # multi-process
 //	go run ./examples/kv -single   # one process
@@ -38,10 +40,11 @@ const pkg = "github.com/weftrpc/weft/examples/kv/"
 
 func main() {
 	single := flag.Bool("single", false, "run every component in this process")
+	weftFlags := runtime.RegisterFlags(nil)
 	flag.Parse()
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	cfg := runtime.Config{
+	cfg, err := weftFlags.Config(runtime.Config{
 		Multi:       !*single,
 		Diagnostics: "127.0.0.1:0",
 		Logger:      slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
@@ -50,6 +53,9 @@ func main() {
 			{Name: "frontend", Components: []string{pkg + "Frontend"}},
 			{Name: "audit", Components: []string{pkg + "Audit"}},
 		},
+	})
+	if err != nil {
+		log.Fatal(err)
 	}
 	if err := runtime.Run(ctx, cfg, run); err != nil {
 		log.Fatal(err)
