@@ -281,6 +281,9 @@ func (w *wiring) createLocked(reg *Registration) (any, error) {
 	defer delete(w.busy, reg.Iface)
 	impl := reflect.New(reg.Impl).Interface()
 	logger := w.cfg.Logger.With("component", shortName(reg.Name))
+	if r := ReplicaName(); r != "main" {
+		logger = logger.With("replica", r)
+	}
 	if err := Fill(impl, logger, w.getLocked); err != nil {
 		return nil, err
 	}

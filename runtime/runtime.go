@@ -41,7 +41,8 @@ type Implements[T any] struct {
 }
 
 // Logger returns the component's logger: [slog.Default] until the runtime sets one labelled
-// with the component and replica.
+// with the component (component=) and, outside the main process, the replica (replica=, see
+// [ReplicaName]).
 func (i *Implements[T]) Logger() *slog.Logger {
 	if i.logger == nil {
 		return slog.Default()
