@@ -63,6 +63,10 @@ func Connect(ctx context.Context, resolver resolve.Resolver, opts ClientOptions)
 		resolver: resolver,
 		members:  map[string]*member{},
 		healthc:  make(chan struct{}, 1),
+		budget:   opts.RetryBudget,
+	}
+	if c.budget == nil {
+		c.budget = NewRetryBudget(defaultBudgetRatio, defaultBudgetPerSecond)
 	}
 	c.ctx, c.cancel = context.WithCancel(context.Background())
 	if err := c.registerMetrics(); err != nil {
@@ -233,6 +237,8 @@ type client struct {
 	opened   atomic.Uint64  // connections opened
 	healthc  chan struct{}  // signals a change of health to notifyHealth (buffer 1)
 	metrics  metric.Registration
+	budget   *RetryBudget
+	lat      sync.Map // MethodKey → *latencyWindow, for hedging by percentile
 
 	mu sync.Mutex
 	// guarded by mu
@@ -328,21 +334,32 @@ func WithShardKey(ctx context.Context, k uint64) context.Context {
 
 // Call implements [Connection].
 func (c *client) Call(ctx context.Context, key MethodKey, args []byte, opts CallOptions) ([]byte, error) {
-	bal := c.opts.Balancer
-	if opts.Balancer != nil {
-		bal = opts.Balancer
-	}
 	if !opts.Sharded {
 		if k, ok := ctx.Value(shardKey{}).(uint64); ok {
 			opts.ShardKey, opts.Sharded = k, true
 		}
 	}
+	if p := c.policies(&opts); p.active {
+		return c.callWithPolicies(ctx, key, args, opts, p)
+	}
+	result, _, err := c.attempt(ctx, key, args, opts, nil)
+	return result, err
+}
+
+// attempt makes one attempt of a call: it picks a member (avoiding those in avoid while others
+// are ready), sends the call, and resends it elsewhere if the server never took it in. It
+// returns the member that answered last, or nil.
+func (c *client) attempt(ctx context.Context, key MethodKey, args []byte, opts CallOptions, avoid []*member) ([]byte, *member, error) {
+	bal := c.opts.Balancer
+	if opts.Balancer != nil {
+		bal = opts.Balancer
+	}
 	resends := 0
 	for {
 		s := c.snap.Load()
-		m, err := c.pick(s, bal, &opts)
+		m, err := c.pick(s, bal, &opts, avoid)
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		var result []byte
 		if m != nil {
@@ -354,7 +371,7 @@ func (c *client) Call(ctx context.Context, key MethodKey, args []byte, opts Call
 			result, err = conn.Call(ctx, key, args, opts)
 			m.record(err)
 			if err == nil || resends >= maxResends || !isUnsent(err) || ctx.Err() != nil {
-				return result, err
+				return result, m, err
 			}
 			// The server never took the call in: the connection was draining or closed,
 			// broke before the request left, or the server refused it with a go-away. The
@@ -364,15 +381,15 @@ func (c *client) Call(ctx context.Context, key MethodKey, args []byte, opts Call
 		// Nothing to call yet, or a resend: wait for the resolver or a member to move on.
 		if c.snap.Load() == s {
 			if err := wait(ctx, s); err != nil {
-				return nil, err
+				return nil, nil, err
 			}
 		}
 	}
 }
 
-// pick chooses the member for a call from s. It returns (nil, nil) if the call should wait for
-// s to change.
-func (c *client) pick(s *snapshot, bal balance.Balancer, opts *CallOptions) (*member, error) {
+// pick chooses the member for a call from s, avoiding the members in avoid while another is
+// ready. It returns (nil, nil) if the call should wait for s to change.
+func (c *client) pick(s *snapshot, bal balance.Balancer, opts *CallOptions, avoid []*member) (*member, error) {
 	if s.closed {
 		return nil, newError(ErrUnreachable, true, "connection closed", ErrClosed)
 	}
@@ -382,7 +399,11 @@ func (c *client) pick(s *snapshot, bal balance.Balancer, opts *CallOptions) (*me
 		}
 		return nil, nil
 	}
-	bm, err := bal.Pick(balance.PickInfo{Members: s.members, Ready: s.ready, ShardKey: opts.ShardKey, Sharded: opts.Sharded})
+	ready := s.ready
+	if len(avoid) > 0 {
+		ready = without(ready, avoid)
+	}
+	bm, err := bal.Pick(balance.PickInfo{Members: s.members, Ready: ready, ShardKey: opts.ShardKey, Sharded: opts.Sharded})
 	if err != nil {
 		switch {
 		case len(s.ready) > 0:
@@ -412,6 +433,20 @@ func (c *client) pick(s *snapshot, bal balance.Balancer, opts *CallOptions) (*me
 		}
 	}
 	return nil, nil
+}
+
+// without returns ready without the members of avoid, or ready itself if that leaves none.
+func without(ready []balance.Member, avoid []*member) []balance.Member {
+	out := make([]balance.Member, 0, len(ready))
+	for _, bm := range ready {
+		if !slices.Contains(avoid, bm.(*member)) {
+			out = append(out, bm)
+		}
+	}
+	if len(out) == 0 {
+		return ready
+	}
+	return out
 }
 
 // wait blocks until s is replaced or ctx is done.

@@ -182,6 +182,18 @@ type ClientOptions struct {
 	// recorded.
 	MeterProvider metric.MeterProvider
 
+	// Retry retries a Connection's failed calls; see [RetryPolicy]. The zero value makes no
+	// retries. CallOptions.Retry overrides it for one call.
+	Retry RetryPolicy
+
+	// Hedge sends a Connection's slow idempotent calls again to another endpoint; see
+	// [HedgePolicy]. The zero value sends no hedges. CallOptions.Hedge overrides it.
+	Hedge HedgePolicy
+
+	// RetryBudget bounds the retries and hedges of a Connection, and may be shared by
+	// several. If nil, each Connection has its own: 10 % of its calls plus 10 a second.
+	RetryBudget *RetryBudget
+
 	// Backoff paces a Connection's reconnection to an endpoint that failed and its retries of a
 	// failed resolver. The zero value means 1s × 1.6 per failure, ±20 % jitter, at most 2
 	// minutes, with an immediate first retry.
@@ -363,6 +375,16 @@ type CallOptions struct {
 	// Balancer, if not nil, picks the endpoint for this call instead of
 	// ClientOptions.Balancer.
 	Balancer balance.Balancer
+
+	// Idempotent declares that running the call more than once does no harm, so a Connection
+	// may retry it after an error that leaves open whether it ran, and may hedge it.
+	Idempotent bool
+
+	// Retry, if not nil, replaces ClientOptions.Retry for this call.
+	Retry *RetryPolicy
+
+	// Hedge, if not nil, replaces ClientOptions.Hedge for this call.
+	Hedge *HedgePolicy
 
 	// WaitForReady makes a call of a Connection wait (until its context is done) for an
 	// endpoint to become ready, instead of failing at once with [ErrUnreachable] when every
