@@ -43,8 +43,9 @@ import (
 // go-away refused it) is sent again, to the member the balancer picks next, up to 3 times;
 // any other failure is returned to the caller.
 //
-// The returned Connection also implements [Inspectable], and is listed by [Channels] until
-// it is closed.
+// The returned Connection also implements [Inspectable] and [FanOut], and is listed by
+// [Channels] until it is closed. ClientOptions.Retry and Hedge add retries and hedges, and
+// ClientOptions.Mirror shadows calls to another Connection.
 func Connect(ctx context.Context, resolver resolve.Resolver, opts ClientOptions) (Connection, error) {
 	if resolver == nil {
 		return nil, errors.New("call: Connect with a nil resolver")
@@ -83,6 +84,9 @@ func Connect(ctx context.Context, resolver resolve.Resolver, opts ClientOptions)
 		go c.notifyHealth()
 	}
 	registerChannel(c)
+	if opts.Mirror.Conn != nil {
+		return Mirror(c, opts.Mirror.Conn, opts.Mirror.Options), nil
+	}
 	return c, nil
 }
 

@@ -194,6 +194,10 @@ type ClientOptions struct {
 	// several. If nil, each Connection has its own: 10 % of its calls plus 10 a second.
 	RetryBudget *RetryBudget
 
+	// Mirror, if its Conn is set, makes Connect return a [Mirrored] Connection that shadows
+	// calls to Mirror.Conn as Mirror.Options say; closing it closes Mirror.Conn too.
+	Mirror MirrorTo
+
 	// Backoff paces a Connection's reconnection to an endpoint that failed and its retries of a
 	// failed resolver. The zero value means 1s × 1.6 per failure, ±20 % jitter, at most 2
 	// minutes, with an immediate first retry.
@@ -355,6 +359,12 @@ func (p PoolOptions) withDefaults() PoolOptions {
 		p.MaxEjectedFraction = defaultMaxEjected
 	}
 	return p
+}
+
+// MirrorTo names the Connection calls are mirrored to, and how; see [Mirror].
+type MirrorTo struct {
+	Conn    Connection
+	Options MirrorOptions
 }
 
 // CallOptions are per-call options.
