@@ -2,9 +2,11 @@ package testapp
 
 import (
 	"context"
+	"crypto/rand"
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"log/slog"
 	"maps"
 	"os"
@@ -15,6 +17,10 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"go.opentelemetry.io/otel/trace"
+	"go.opentelemetry.io/otel/trace/embedded"
+	"go.opentelemetry.io/otel/trace/noop"
 
 	"github.com/weftrpc/weft/call"
 	"github.com/weftrpc/weft/runtime"
@@ -30,7 +36,8 @@ const (
 	EnvSpawnLog = "WEFT_TESTAPP_SPAWNLOG"
 	// EnvLog is the default of -log: "debug", "info", "warn" (the default) or "error".
 	EnvLog = "WEFT_TESTAPP_LOG"
-	// EnvSecret is the secret the "secret" mode sends as metadata.
+	// EnvSecret is the secret the "secret" mode sends as metadata; the "trace" mode sends it
+	// too, if set.
 	EnvSecret = "WEFT_TESTAPP_SECRET"
 	// EnvFailInit lists, separated by commas, the components ("Store", "Front", "Ledger")
 	// whose Init fails in replicas.
@@ -99,7 +106,11 @@ type app struct {
 //     directly, succeeding and failing in various ways;
 //   - cycle: calls CycleA, which calls CycleB, which calls CycleA;
 //   - health: calls the Pool until both replicas answered, makes one sick for -hold, prints
-//     when calls stop reaching it and when they reach it again.
+//     when calls stop reaching it and when they reach it again;
+//   - trace: every process traces its calls with a tracer that prints a line per span (see
+//     [TraceLine]); the program calls Front.Get, Front.Put and Front.Get on shard 1, each
+//     from a fresh context (with the secret of EnvSecret as metadata, if set), printing
+//     "trace call=<get-before|put|get-after> …" after each, then "trace done".
 func Main(args []string) int {
 	var o options
 	fs := flag.NewFlagSet("testapp", flag.ContinueOnError)
@@ -134,12 +145,16 @@ func Main(args []string) int {
 			}
 		}
 	}
-	cfg, err := flags.Config(runtime.Config{
+	base := runtime.Config{
 		Multi:        !o.single,
 		Logger:       slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: lvl})),
 		Groups:       Groups(o.replicas),
 		DrainTimeout: *drain,
-	})
+	}
+	if o.mode == "trace" {
+		base.Tracer = &lineTracer{out: os.Stdout}
+	}
+	cfg, err := flags.Config(base)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "testapp:", err)
 		return 2
@@ -175,6 +190,8 @@ func (a *app) run(ctx context.Context, o options) error {
 		if err := a.health(ctx, o); err != nil {
 			return err
 		}
+	case "trace":
+		return a.traced(ctx, o)
 	case "cycle":
 		c, cancel := detached(ctx, o.deadline)
 		defer cancel()
@@ -423,4 +440,133 @@ func (a *app) health(ctx context.Context, o options) error {
 	}
 	fmt.Printf("back=%s\n", p.Replica)
 	return nil
+}
+
+// traceShard is the shard the "trace" mode calls.
+const traceShard = 1
+
+// traced makes the calls of the "trace" mode: Front.Get, Front.Put and Front.Get of one key
+// on traceShard, each from a context without a span, so that each starts a trace of its own.
+// It fails if the Put fails.
+func (a *app) traced(ctx context.Context, o options) error {
+	var md call.Metadata
+	if secret := os.Getenv(EnvSecret); secret != "" {
+		md = call.Metadata{MetadataKey: "Bearer " + secret}
+	}
+	do := func(step string, f func(context.Context) (Placed, error)) error {
+		c, cancel := detached(ctx, o.deadline)
+		defer cancel()
+		if md != nil {
+			c = call.WithMetadata(c, md)
+		}
+		p, err := f(c)
+		arrived := err == nil && md != nil && p.Metadata == Fingerprint(md[MetadataKey])
+		fmt.Printf("trace call=%s replica=%s metadata-arrived=%t err=%v\n", step, p.Replica, arrived, err)
+		return err
+	}
+	front := a.front.Get()
+	get := func(c context.Context) (Placed, error) { return front.Get(c, traceShard, "traced") }
+	do("get-before", get) // not found yet: an application error, which is fine
+	if err := do("put", func(c context.Context) (Placed, error) { return front.Put(c, traceShard, "traced", "value") }); err != nil {
+		return err
+	}
+	do("get-after", get)
+	fmt.Println("trace done")
+	return nil
+}
+
+// TraceLine is the format of the line the "trace" mode's tracer prints when a span ends: the
+// span's name, its kind (client, server or internal), its trace id, its own span id, its
+// parent's span id (0 for a root span), and the runtime.ReplicaName of the process. Span ids
+// are drawn at random, so that they are unique across processes.
+const TraceLine = "span name=%s kind=%s trace=%s span=%s parent=%s replica=%s\n"
+
+// lineTracer is the tracer of the "trace" mode: every span gets a fresh span id and its
+// parent's trace id (a fresh one if it has no parent), and prints a TraceLine to out when it
+// ends.
+type lineTracer struct {
+	embedded.Tracer
+
+	mu  sync.Mutex // serializes lines
+	out io.Writer
+}
+
+var _ trace.Tracer = (*lineTracer)(nil)
+
+// Start implements trace.Tracer.
+func (t *lineTracer) Start(ctx context.Context, name string, opts ...trace.SpanStartOption) (context.Context, trace.Span) {
+	cfg := trace.NewSpanStartConfig(opts...)
+	parent := trace.SpanContextFromContext(ctx)
+	if cfg.NewRoot() {
+		parent = trace.SpanContext{}
+	}
+	sc := trace.SpanContextConfig{TraceID: parent.TraceID(), TraceFlags: parent.TraceFlags() | trace.FlagsSampled, TraceState: parent.TraceState()}
+	if !parent.IsValid() {
+		sc.TraceID = trace.TraceID{}
+		for !sc.TraceID.IsValid() {
+			rand.Read(sc.TraceID[:])
+		}
+	}
+	for !sc.SpanID.IsValid() {
+		rand.Read(sc.SpanID[:])
+	}
+	s := &lineSpan{t: t, sc: trace.NewSpanContext(sc), parent: parent, kind: cfg.SpanKind(), name: name}
+	return trace.ContextWithSpan(ctx, s), s
+}
+
+// lineSpan is a span of a lineTracer. Methods it does not override are the no-op span's.
+type lineSpan struct {
+	noop.Span
+	t      *lineTracer
+	sc     trace.SpanContext
+	parent trace.SpanContext // invalid for a root span
+	kind   trace.SpanKind
+
+	mu sync.Mutex
+	// guarded by mu
+	name  string
+	ended bool
+}
+
+var _ trace.Span = (*lineSpan)(nil)
+
+// SpanContext implements trace.Span.
+func (s *lineSpan) SpanContext() trace.SpanContext { return s.sc }
+
+// IsRecording implements trace.Span: a span records until it ends.
+func (s *lineSpan) IsRecording() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return !s.ended
+}
+
+// SetName implements trace.Span.
+func (s *lineSpan) SetName(name string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.ended {
+		s.name = name
+	}
+}
+
+// End implements trace.Span: the first call prints the span's line; later calls do nothing.
+func (s *lineSpan) End(...trace.SpanEndOption) {
+	s.mu.Lock()
+	ended, name := s.ended, s.name
+	s.ended = true
+	s.mu.Unlock()
+	if ended {
+		return
+	}
+	kind := s.kind.String()
+	if s.kind == trace.SpanKindUnspecified {
+		kind = trace.SpanKindInternal.String()
+	}
+	parent := "0"
+	if s.parent.IsValid() {
+		parent = s.parent.SpanID().String()
+	}
+	s.t.mu.Lock()
+	defer s.t.mu.Unlock()
+	fmt.Fprintf(s.t.out, TraceLine, name, kind, s.sc.TraceID(), s.sc.SpanID(), parent, runtime.ReplicaName())
 }
