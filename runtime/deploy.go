@@ -15,6 +15,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -671,10 +672,11 @@ func runChild(ctx context.Context, cfg Config) error {
 // host is a process that serves the components of one group, and reaches the other groups'
 // components through Connections.
 type host struct {
-	cfg    Config
-	w      *wiring
-	health *health
-	hm     call.HandlerMap
+	cfg      Config
+	w        *wiring
+	health   *health
+	hm       call.HandlerMap
+	inFlight atomic.Int64 // calls of the group's components being served
 
 	mu    sync.Mutex
 	conns map[string]*groupConn // by group
@@ -744,6 +746,18 @@ func newHost(ctx context.Context, cfg Config, groups []Group, mine string, resol
 		reg.AddHandlers(impl, &hs.hm)
 	}
 	server.meterHandlers(&hs.hm)
+	hs.hm.Wrap(func(_, _ string, h call.Handler) call.Handler {
+		return func(ctx context.Context, args []byte) ([]byte, error) {
+			hs.inFlight.Add(1)
+			defer hs.inFlight.Add(-1)
+			return h(ctx, args)
+		}
+	})
+	// The runtime's own method, after the wrapping: not counted, not measured.
+	started := time.Now()
+	hs.hm.Set(diagnosticsComponent, "Diagnostics", func(context.Context, []byte) ([]byte, error) {
+		return json.Marshal((&diag{started: started, mode: "multi", w: hs.w, host: hs}).snapshot())
+	})
 	return hs, nil
 }
 

@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/weftrpc/weft/call"
+	"github.com/weftrpc/weft/endpoint"
 )
 
 // DiagnosticsPath is where the diagnostics page is served.
@@ -31,7 +32,8 @@ type Diagnostics struct {
 	Mode       string              `json:"mode"` // "single" or "multi"
 	Started    time.Time           `json:"started"`
 	Healthy    bool                `json:"healthy"`
-	Health     string              `json:"health,omitempty"` // why it is unhealthy
+	Health     string              `json:"health,omitempty"`    // why it is unhealthy
+	InFlight   int64               `json:"in_flight,omitempty"` // calls the process is serving (replicas)
 	Components []ComponentInfo     `json:"components"`
 	Groups     []GroupInfo         `json:"groups,omitempty"`
 	Channels   []ChannelDiagnostic `json:"channels,omitempty"`
@@ -65,6 +67,10 @@ type ReplicaInfo struct {
 	InRotation bool   `json:"in_rotation"`
 	Restarts   int    `json:"restarts"`
 	LastExit   string `json:"last_exit,omitempty"`
+	// Detail is the replica's own view (its in-flight calls, its components, its channels to
+	// other groups), asked for when the page is served; DetailError says why it is missing.
+	Detail      *Diagnostics `json:"detail,omitempty"`
+	DetailError string       `json:"detail_error,omitempty"`
 }
 
 // ChannelDiagnostic is this process's Connection to a group: its endpoints' states, calls in
@@ -92,7 +98,8 @@ type diag struct {
 	started time.Time
 	mode    string
 	w       *wiring
-	d       *deployment // nil in single-process mode
+	d       *deployment // nil but in the main process of a multi-process deployment
+	host    *host       // nil but in a process that serves a group
 }
 
 var current struct {
@@ -132,23 +139,18 @@ func (g *diag) snapshot() Diagnostics {
 		}
 		g.d.mu.Lock()
 		for _, gs := range g.d.groups {
-			ch := ChannelDiagnostic{Group: gs.Name}
-			if gc := g.d.conns[gs.Name]; gc != nil {
-				var st call.ConnectionStatus
-				if st, ch.Connected = gc.status(); ch.Connected {
-					ch.Healthy = st.Healthy
-					for _, e := range st.Endpoints {
-						ei := EndpointInfo{Address: e.Address, State: e.State.String(), Healthy: e.Healthy, Ejected: e.Ejected, InFlight: e.InFlight, Load: e.Load}
-						if e.Err != nil {
-							ei.Error = e.Err.Error()
-						}
-						ch.Endpoints = append(ch.Endpoints, ei)
-					}
-				}
-			}
-			out.Channels = append(out.Channels, ch)
+			out.Channels = append(out.Channels, channelDiagnostic(gs.Name, g.d.conns[gs.Name]))
 		}
 		g.d.mu.Unlock()
+		g.replicaDetails(out.Groups)
+	}
+	if g.host != nil {
+		out.InFlight = g.host.inFlight.Load()
+		g.host.mu.Lock()
+		for _, name := range slices.Sorted(maps.Keys(g.host.conns)) {
+			out.Channels = append(out.Channels, channelDiagnostic(name, g.host.conns[name]))
+		}
+		g.host.mu.Unlock()
 	}
 	g.w.mu.Lock()
 	for iface := range g.w.comps {
@@ -166,6 +168,81 @@ func (g *diag) snapshot() Diagnostics {
 	slices.SortFunc(out.Components, func(a, b ComponentInfo) int { return cmp.Compare(a.Name, b.Name) })
 	return out
 }
+
+// channelDiagnostic describes the Connection to group, nil if never made.
+func channelDiagnostic(group string, gc *groupConn) ChannelDiagnostic {
+	ch := ChannelDiagnostic{Group: group}
+	if gc == nil {
+		return ch
+	}
+	var st call.ConnectionStatus
+	if st, ch.Connected = gc.status(); ch.Connected {
+		ch.Healthy = st.Healthy
+		for _, e := range st.Endpoints {
+			ei := EndpointInfo{Address: e.Address, State: e.State.String(), Healthy: e.Healthy, Ejected: e.Ejected, InFlight: e.InFlight, Load: e.Load}
+			if e.Err != nil {
+				ei.Error = e.Err.Error()
+			}
+			ch.Endpoints = append(ch.Endpoints, ei)
+		}
+	}
+	return ch
+}
+
+// replicaDetailTimeout bounds how long the page waits for a replica's own diagnostics.
+const replicaDetailTimeout = time.Second
+
+// replicaDetails asks every serving replica, at once, for its own diagnostics (over its
+// socket, the runtime's diagnostics method) and fills the Detail of groups' replicas.
+func (g *diag) replicaDetails(groups []GroupInfo) {
+	var wg sync.WaitGroup
+	for gi := range groups {
+		for ri := range groups[gi].Replicas {
+			r := &groups[gi].Replicas[ri]
+			if r.State != "serving" {
+				continue
+			}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				d, err := fetchDiagnostics(r.Socket)
+				if err != nil {
+					r.DetailError = err.Error()
+					return
+				}
+				r.Detail = d
+			}()
+		}
+	}
+	wg.Wait()
+}
+
+// fetchDiagnostics calls the diagnostics method of the replica serving on sock.
+func fetchDiagnostics(sock string) (*Diagnostics, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), replicaDetailTimeout)
+	defer cancel()
+	conn, err := call.Dial(ctx, endpoint.Unix(sock), call.ClientOptions{KeepaliveInterval: -1})
+	if err != nil {
+		return nil, err
+	}
+	defer conn.Close()
+	b, err := conn.Call(ctx, diagnosticsKey, nil, call.CallOptions{})
+	if err != nil {
+		return nil, err
+	}
+	var d Diagnostics
+	if err := json.Unmarshal(b, &d); err != nil {
+		return nil, fmt.Errorf("decoding a replica's diagnostics: %w", err)
+	}
+	return &d, nil
+}
+
+// diagnosticsKey is the method a serving process answers with its diagnostics as JSON.
+var diagnosticsKey = call.MakeMethodKey(diagnosticsComponent, "Diagnostics")
+
+// diagnosticsComponent names the runtime's own handlers; it cannot be a component's name
+// (those are package paths followed by a slash).
+const diagnosticsComponent = "weft.runtime"
 
 // ServeHTTP serves the diagnostics page.
 func (g *diag) ServeHTTP(w http.ResponseWriter, r *http.Request) {
@@ -209,8 +286,10 @@ th,td{border:1px solid #ccc;padding:4px 8px;text-align:left}th{background:#eee}<
 {{range .Components}}<tr><td>{{.Name}}</td><td>{{.Group}}</td><td>{{.Where}}</td></tr>
 {{end}}</table>
 {{if .Groups}}<h2>Groups and replicas</h2>
-<table><tr><th>replica</th><th>state</th><th>health</th><th>in rotation</th><th>pid</th><th>restarts</th><th>last exit</th><th>socket</th></tr>
-{{range .Groups}}{{range .Replicas}}<tr><td>{{.Name}}</td><td>{{.State}}</td><td>{{if .Healthy}}healthy{{else}}unhealthy: {{.Health}}{{end}}</td><td>{{.InRotation}}</td><td>{{.PID}}</td><td>{{.Restarts}}</td><td>{{.LastExit}}</td><td>{{.Socket}}</td></tr>
+<table><tr><th>replica</th><th>state</th><th>health</th><th>in rotation</th><th>serving</th><th>its channels</th><th>pid</th><th>restarts</th><th>last exit</th><th>socket</th></tr>
+{{range .Groups}}{{range .Replicas}}<tr><td>{{.Name}}</td><td>{{.State}}</td><td>{{if .Healthy}}healthy{{else}}unhealthy: {{.Health}}{{end}}</td><td>{{.InRotation}}</td>
+<td>{{with .Detail}}{{.InFlight}} calls{{else}}{{.DetailError}}{{end}}</td><td>{{with .Detail}}{{range .Channels}}{{.Group}}: {{if .Connected}}{{if .Healthy}}healthy{{else}}unhealthy{{end}}, {{len .Endpoints}} endpoints{{else}}not connected{{end}}<br>{{end}}{{end}}</td>
+<td>{{.PID}}</td><td>{{.Restarts}}</td><td>{{.LastExit}}</td><td>{{.Socket}}</td></tr>
 {{end}}{{end}}</table>{{end}}
 {{if .Channels}}<h2>Channels</h2>
 <table><tr><th>group</th><th>endpoint</th><th>state</th><th>healthy</th><th>ejected</th><th>in flight</th><th>load</th><th>error</th></tr>

@@ -155,7 +155,7 @@ func serveDistributed(ctx context.Context, cfg Config, groups []Group) error {
 		dctx, stopDiag := context.WithCancel(context.Background())
 		defer wg.Wait()
 		defer stopDiag()
-		url, err := serveDiagnostics(dctx, cfg.Diagnostics, &diag{started: time.Now(), mode: "distributed", w: hs.w}, &wg)
+		url, err := serveDiagnostics(dctx, cfg.Diagnostics, &diag{started: time.Now(), mode: "distributed", w: hs.w, host: hs}, &wg)
 		if err != nil {
 			stopServing()
 			<-served

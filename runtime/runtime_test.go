@@ -6,6 +6,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -1694,4 +1695,82 @@ func TestDistributedBadConfig(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestMultiProcessDiagnosticsDetail reads the main process's diagnostics page: every serving
+// replica's own view is there (its name, its health, calls it is serving, its channels), a
+// Hold in progress shows as a call the store replica is serving, and the HTML page shows it.
+func TestMultiProcessDiagnosticsDetail(t *testing.T) {
+	requireOnlyTestapp(t)
+	testkit.CheckLeaks(t)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	err := runtime.Run(ctx, runtime.Config{Multi: true, Groups: testapp.Groups(2), Diagnostics: "127.0.0.1:0"}, func(ctx context.Context, a *shopApp) error {
+		if _, err := a.front.Get().Put(ctx, 1, "k", "v"); err != nil {
+			return err
+		}
+		held := make(chan error, 1)
+		go func() {
+			_, err := a.store.Get().Hold(call.WithShardKey(ctx, 0), 3*time.Second)
+			held <- err
+		}()
+		get := func(query string) []byte {
+			req, _ := http.NewRequestWithContext(ctx, "GET", runtime.DiagnosticsURL()+query, nil)
+			resp, err := http.DefaultClient.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer resp.Body.Close()
+			b, _ := io.ReadAll(resp.Body)
+			return b
+		}
+		var d runtime.Diagnostics
+		deadline := time.Now().Add(10 * time.Second)
+		for {
+			if err := json.Unmarshal(get("?format=json"), &d); err != nil {
+				t.Fatal(err)
+			}
+			if r := replicaInfo(d, "store/0"); r != nil && r.Detail != nil && r.Detail.InFlight == 1 || time.Now().After(deadline) {
+				break
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		for _, g := range d.Groups {
+			for _, r := range g.Replicas {
+				if r.Detail == nil {
+					t.Errorf("replica %s has no detail: %s", r.Name, r.DetailError)
+					continue
+				}
+				if r.Detail.Process != r.Name || r.Detail.PID != r.PID || !r.Detail.Healthy {
+					t.Errorf("replica %s's detail: process %q pid %d healthy %v (want pid %d)", r.Name, r.Detail.Process, r.Detail.PID, r.Detail.Healthy, r.PID)
+				}
+			}
+		}
+		if r := replicaInfo(d, "store/0"); r == nil || r.Detail == nil || r.Detail.InFlight != 1 {
+			t.Errorf("store/0 while it holds a call: %+v; want 1 call in flight", r)
+		}
+		if r := replicaInfo(d, "front/0"); r == nil || r.Detail == nil || !slices.ContainsFunc(r.Detail.Channels, func(c runtime.ChannelDiagnostic) bool {
+			return c.Group == "store" && c.Connected && c.Healthy && len(c.Endpoints) == 2
+		}) {
+			t.Errorf("front/0's detail does not show its healthy channel to the 2 store replicas: %+v", r)
+		}
+		if html := string(get("")); !strings.Contains(html, "1 calls") || !strings.Contains(html, "store: healthy, 2 endpoints") {
+			t.Errorf("the HTML page does not show the replicas' detail:\n%s", html)
+		}
+		return <-held
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+func replicaInfo(d runtime.Diagnostics, name string) *runtime.ReplicaInfo {
+	for _, g := range d.Groups {
+		for i := range g.Replicas {
+			if g.Replicas[i].Name == name {
+				return &g.Replicas[i]
+			}
+		}
+	}
+	return nil
 }
