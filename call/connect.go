@@ -336,12 +336,51 @@ func WithShardKey(ctx context.Context, k uint64) context.Context {
 	return context.WithValue(ctx, shardKey{}, k)
 }
 
+// callOptionsKey is the context key of WithCallOptions.
+type callOptionsKey struct{}
+
+// WithCallOptions returns a context whose calls through a Connection from [Connect] — those
+// of generated stubs included — take from o the options their own CallOptions leave unset:
+// Idempotent and WaitForReady (when true), Retry, Hedge, Affinity and Balancer (when not nil),
+// and the shard key (when o.Sharded). It is how a caller of a stub overrides, for some calls,
+// the settings the stub was generated with.
+func WithCallOptions(ctx context.Context, o CallOptions) context.Context {
+	return context.WithValue(ctx, callOptionsKey{}, &o)
+}
+
+// merge fills the unset fields of opts from o.
+func (opts *CallOptions) merge(o *CallOptions) {
+	opts.Idempotent = opts.Idempotent || o.Idempotent
+	opts.WaitForReady = opts.WaitForReady || o.WaitForReady
+	if opts.Retry == nil {
+		opts.Retry = o.Retry
+	}
+	if opts.Hedge == nil {
+		opts.Hedge = o.Hedge
+	}
+	if opts.Affinity == nil {
+		opts.Affinity = o.Affinity
+	}
+	if opts.Balancer == nil {
+		opts.Balancer = o.Balancer
+	}
+	if !opts.Sharded && o.Sharded {
+		opts.ShardKey, opts.Sharded = o.ShardKey, true
+	}
+}
+
 // Call implements [Connection].
 func (c *client) Call(ctx context.Context, key MethodKey, args []byte, opts CallOptions) ([]byte, error) {
+	if o, ok := ctx.Value(callOptionsKey{}).(*CallOptions); ok {
+		opts.merge(o)
+	}
 	if !opts.Sharded {
 		if k, ok := ctx.Value(shardKey{}).(uint64); ok {
 			opts.ShardKey, opts.Sharded = k, true
 		}
+	}
+	if opts.Affinity != nil {
+		return c.callByAffinity(ctx, key, args, opts)
 	}
 	if p := c.policies(&opts); p.active {
 		return c.callWithPolicies(ctx, key, args, opts, p)

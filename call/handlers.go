@@ -47,6 +47,7 @@ type HandlerMap struct {
 	mu sync.Mutex // serializes writers; readers load handlers without locking
 	// handlers is replaced, never modified, by writers.
 	handlers atomic.Pointer[map[MethodKey]*handlerEntry]
+	affinity map[MethodKey]AffinityFunc // guarded by mu
 }
 
 // Set registers h for method of component, replacing any earlier handler.
@@ -73,7 +74,12 @@ func (hm *HandlerMap) SetSigned(component, method string, signature uint64, h Ha
 // lookup returns the entry for k, or nil.
 func (hm *HandlerMap) lookup(k MethodKey) *handlerEntry {
 	if m := hm.handlers.Load(); m != nil {
-		return (*m)[k]
+		if e := (*m)[k]; e != nil {
+			return e
+		}
+	}
+	if k == affinityKey {
+		return hm.affinityEntry()
 	}
 	return nil
 }

@@ -396,6 +396,10 @@ type CallOptions struct {
 	// Hedge, if not nil, replaces ClientOptions.Hedge for this call.
 	Hedge *HedgePolicy
 
+	// Affinity, if not nil, makes a call of a Connection from Connect choose its endpoint by
+	// the servers' affinity to it; see [SelectionOptions].
+	Affinity *SelectionOptions
+
 	// WaitForReady makes a call of a Connection wait (until its context is done) for an
 	// endpoint to become ready, instead of failing at once with [ErrUnreachable] when every
 	// endpoint has failed or the resolver has none.
