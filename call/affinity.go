@@ -91,8 +91,21 @@ type scored struct {
 // callByAffinity selects an endpoint by affinity and sends the call to it.
 func (c *client) callByAffinity(ctx context.Context, key MethodKey, args []byte, opts CallOptions) ([]byte, error) {
 	sel := *opts.Affinity
-	m, err := c.selectByAffinity(ctx, key, args, sel)
-	if err != nil {
+	var m *member
+	for {
+		var s *snapshot
+		var err error
+		m, s, err = c.selectByAffinity(ctx, key, args, sel)
+		if err == nil {
+			break
+		}
+		if m == nil && s != nil && s.connecting > 0 && ctx.Err() == nil {
+			// None of the ready endpoints accepted the call, but others are connecting:
+			// ask again once the set changes.
+			if wait(ctx, s) == nil {
+				continue
+			}
+		}
 		return nil, err
 	}
 	opts.Balancer = balance.Func(func(balance.PickInfo) (balance.Member, error) { return m, nil })
@@ -102,18 +115,18 @@ func (c *client) callByAffinity(ctx context.Context, key MethodKey, args []byte,
 }
 
 // selectByAffinity asks the ready endpoints of the current set for their affinity to a call
-// and chooses one as sel says.
-func (c *client) selectByAffinity(ctx context.Context, key MethodKey, args []byte, sel SelectionOptions) (*member, error) {
+// and chooses one as sel says. It returns the snapshot it asked, when it asked one.
+func (c *client) selectByAffinity(ctx context.Context, key MethodKey, args []byte, sel SelectionOptions) (*member, *snapshot, error) {
 	var s *snapshot
 	for s = c.snap.Load(); len(s.ready) == 0; s = c.snap.Load() {
 		if s.closed {
-			return nil, newError(ErrUnreachable, true, "connection closed", ErrClosed)
+			return nil, nil, newError(ErrUnreachable, true, "connection closed", ErrClosed)
 		}
 		if s.resolved && s.connecting == 0 {
-			return nil, newError(ErrUnreachable, true, "no endpoint is ready to select by affinity", nil)
+			return nil, nil, newError(ErrUnreachable, true, "no endpoint is ready to select by affinity", nil)
 		}
 		if err := wait(ctx, s); err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 	}
 	qctx, cancel := context.WithCancel(ctx)
@@ -172,7 +185,7 @@ func (c *client) selectByAffinity(ctx context.Context, key MethodKey, args []byt
 				best = &a
 			}
 			if sel.AcceptFirstAvailable {
-				return best.m, nil
+				return best.m, s, nil
 			}
 			if short == nil && sel.ShortCircuitTimeout > 0 {
 				t := time.NewTimer(sel.ShortCircuitTimeout)
@@ -184,11 +197,11 @@ func (c *client) selectByAffinity(ctx context.Context, key MethodKey, args []byt
 		case <-short:
 			pending = 0
 		case <-ctx.Done():
-			return nil, ctxError(ctx, true)
+			return nil, s, ctxError(ctx, true)
 		}
 	}
 	if best == nil {
-		return nil, newError(ErrUnreachable, true, fmt.Sprintf("none of %d endpoints accepted the call by affinity", len(s.ready)), lastErr)
+		return nil, s, newError(ErrUnreachable, true, fmt.Sprintf("none of %d endpoints accepted the call by affinity", len(s.ready)), lastErr)
 	}
-	return best.m, nil
+	return best.m, s, nil
 }

@@ -4,8 +4,10 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
+	"iter"
 	"log/slog"
 	"maps"
 	"net"
@@ -507,6 +509,18 @@ func (l *groupConn) Call(ctx context.Context, key call.MethodKey, args []byte, o
 	}
 	opts.WaitForReady = true
 	return c.Call(ctx, key, args, opts)
+}
+
+// CallAll implements [call.FanOut] through the group's Connection, connecting first.
+func (l *groupConn) CallAll(ctx context.Context, key call.MethodKey, args []byte, opts call.CallOptions) iter.Seq[call.Reply] {
+	c, err := l.get()
+	if err == nil {
+		if f, ok := c.(call.FanOut); ok {
+			return f.CallAll(ctx, key, args, opts)
+		}
+		err = errors.New("runtime: the group's connection cannot call every replica")
+	}
+	return func(yield func(call.Reply) bool) { yield(call.Reply{Err: err}) }
 }
 
 // status returns the connection's status, or false before its first call.

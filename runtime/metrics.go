@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"iter"
 	"time"
 
 	"github.com/weftrpc/weft/call"
@@ -123,6 +124,17 @@ func (c *meteredConn) Call(ctx context.Context, key call.MethodKey, args []byte,
 	res, err := c.Connection.Call(ctx, key, args, opts)
 	c.mm.record(ctx, m, start, len(args), len(res), err)
 	return res, err
+}
+
+// CallAll implements [call.FanOut] through the wrapped Connection, if it can; fan-out calls
+// are not measured.
+func (c *meteredConn) CallAll(ctx context.Context, key call.MethodKey, args []byte, opts call.CallOptions) iter.Seq[call.Reply] {
+	if f, ok := c.Connection.(call.FanOut); ok {
+		return f.CallAll(ctx, key, args, opts)
+	}
+	return func(yield func(call.Reply) bool) {
+		yield(call.Reply{Err: errors.New("runtime: the connection cannot call every replica")})
+	}
 }
 
 // Close does nothing: the group's connection is shared and closed by its owner.

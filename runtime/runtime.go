@@ -241,6 +241,15 @@ func ArgsError(method string, err error) error {
 	return fmt.Errorf("weft: decoding the arguments of %s: %w", method, err)
 }
 
+// Reply is one replica's outcome of a call made to every replica of a component: the
+// <Interface><Method>All functions rpcgen generates for methods marked //weft:multi yield one
+// per replica.
+type Reply[T any] struct {
+	Replica string // the replica's address, or ReplicaName() for a component in this process
+	Value   T      // the method's result (struct{} for a method that has none)
+	Err     error  // the method's error, or why the replica could not be called
+}
+
 // ReplicaName names the process a component runs in: "group/index" in a replica of a
 // multi-process deployment, "group@hostname" in a process serving a group of a distributed
 // deployment, "main" otherwise.

@@ -115,9 +115,10 @@ func parsePos(s string) token.Position {
 
 // component is an interface and the struct that implements it.
 type component struct {
-	iface   *types.Named
-	impl    *types.Named
-	methods []*types.Func
+	iface    *types.Named
+	impl     *types.Named
+	methods  []*types.Func
+	settings map[string]*settings // by method name: its //weft: directives
 }
 
 // generator holds the state of generating one package's file.
@@ -163,6 +164,15 @@ func Generate(pkg *packages.Package) ([]byte, []Error) {
 	comps := g.findComponents()
 	for _, c := range comps {
 		g.checkComponent(c)
+		c.settings = g.directives(c)
+		for _, m := range c.methods {
+			if s := c.settings[m.Name()]; s != nil && s.multi {
+				name := c.iface.Obj().Name() + m.Name() + "All"
+				if obj := pkg.Types.Scope().Lookup(name); obj != nil {
+					g.errorf(obj.Pos(), "%s is declared in this package; rpcgen generates it for //weft:multi method %s.%s", name, c.iface.Obj().Name(), m.Name())
+				}
+			}
+		}
 	}
 	if len(g.errs) > 0 {
 		sortErrors(g.errs)
@@ -595,6 +605,26 @@ func (g *generator) component(w *bytes.Buffer, c *component, lname, rt, callPkg,
 		p("\t%s_%s_sig = %#016x\n", lname, m.Name(), g.signature(m))
 	}
 	p(")\n\n")
+	// Call options of the methods, from their //weft: directives.
+	opts := func(m *types.Func) string {
+		if s := c.settings[m.Name()]; s.callOptions() {
+			return fmt.Sprintf("%s_%s_opts", lname, m.Name())
+		}
+		return fmt.Sprintf("%s.CallOptions{Signature: %s_%s_sig}", callPkg, lname, m.Name())
+	}
+	first := true
+	for _, m := range c.methods {
+		if s := c.settings[m.Name()]; s.callOptions() {
+			if first {
+				p("// Call options of the methods with //weft: directives.\nvar (\n")
+				first = false
+			}
+			p("\t%s_%s_opts = %s\n", lname, m.Name(), optionsLiteral(callPkg, fmt.Sprintf("%s_%s_sig", lname, m.Name()), s))
+		}
+	}
+	if !first {
+		p(")\n\n")
+	}
 
 	// Local stub.
 	p("// %s calls a %s in the same process.\n", local, iname)
@@ -638,7 +668,7 @@ func (g *generator) component(w *bytes.Buffer, c *component, lname, rt, callPkg,
 		}
 		p("\tif err = enc.Err(); err != nil {\n\t\treturn\n\t}\n")
 		p("\tvar reply []byte\n")
-		p("\treply, err = s.conn.Call(ctx, %s_%s_key, enc.Data(), %s.CallOptions{Signature: %s_%s_sig})\n", lname, m.Name(), callPkg, lname, m.Name())
+		p("\treply, err = s.conn.Call(ctx, %s_%s_key, enc.Data(), %s)\n", lname, m.Name(), opts(m))
 		p("\tif err != nil {\n\t\treturn\n\t}\n")
 		p("\tdec := %s.NewOwnedDecoder(reply) // the caller owns the reply\n", codecPkg)
 		n := sig.Results().Len()
@@ -693,8 +723,86 @@ func (g *generator) component(w *bytes.Buffer, c *component, lname, rt, callPkg,
 		p("\t\tenc.Error(appErr)\n")
 		p("\t\tif err := enc.Err(); err != nil {\n\t\t\treturn nil, err\n\t\t}\n")
 		p("\t\treturn enc.Data(), nil\n\t})\n")
+		if s := c.settings[m.Name()]; s != nil && s.affinity != nil {
+			var ptypes []string
+			for i := 0; i < sig.Params().Len(); i++ {
+				t := g.typeString(sig.Params().At(i).Type())
+				if i == 0 {
+					t = ctxPkg + ".Context"
+				} else if sig.Variadic() && i == sig.Params().Len()-1 {
+					t = "..." + g.typeString(sig.Params().At(i).Type().(*types.Slice).Elem())
+				}
+				ptypes = append(ptypes, t)
+			}
+			p("\tif af, ok := impl.(interface {\n\t\t%sAffinity(%s) float32\n\t}); ok {\n", m.Name(), strings.Join(ptypes, ", "))
+			p("\t\thm.SetAffinity(%s_name, %q, func(ctx %s.Context, args []byte) float32 {\n", lname, m.Name(), ctxPkg)
+			p("\t\t\tdec := %s.NewDecoder(args)\n", codecPkg)
+			for i := 1; i < sig.Params().Len(); i++ {
+				p("\t\t\ta%d := %s\n", i, g.types.decode(sig.Params().At(i).Type()))
+			}
+			p("\t\t\tif dec.Finish() != nil {\n\t\t\t\treturn 0\n\t\t\t}\n")
+			p("\t\t\treturn af.%sAffinity(%s)\n\t\t})\n\t}\n", m.Name(), strings.Join(append([]string{"ctx"}, call...), ", "))
+		}
 	}
 	p("}\n\n")
+
+	for _, m := range c.methods {
+		if s := c.settings[m.Name()]; s != nil && s.multi {
+			g.multi(w, c, m, lname, rt, callPkg, codecPkg, ctxPkg, opts(m))
+		}
+	}
+}
+
+// multi writes <Interface><Method>All for a //weft:multi method.
+func (g *generator) multi(w *bytes.Buffer, c *component, m *types.Func, lname, rt, callPkg, codecPkg, ctxPkg, opts string) {
+	p := func(format string, args ...any) { fmt.Fprintf(w, format, args...) }
+	iterPkg := g.importName("iter", "iter")
+	iname := c.iface.Obj().Name()
+	sig := m.Type().(*types.Signature)
+	params, _, args := g.signatureParts(sig, ctxPkg)
+	vt := "struct{}"
+	if sig.Results().Len() == 2 {
+		vt = g.typeString(sig.Results().At(0).Type())
+	}
+	reply := fmt.Sprintf("%s.Reply[%s]", rt, vt)
+	name := iname + m.Name() + "All"
+	p("// %s calls %s on every replica of %s at once, and yields each replica's reply as it\n", name, m.Name(), iname)
+	p("// arrives; a replica that cannot be reached yields its error. The caller's deadline bounds\n")
+	p("// them all. A %s that runs in this process yields its one reply.\n", iname)
+	rest := strings.TrimPrefix(params, "ctx "+ctxPkg+".Context")
+	p("func %s(ctx %s.Context, c %s%s) %s.Seq[%s] {\n", name, ctxPkg, iname, rest, iterPkg, reply)
+	p("\treturn func(yield func(%s) bool) {\n", reply)
+	p("\t\tvar fan %s.FanOut\n", callPkg)
+	p("\t\tif s, ok := c.(%s_client_stub); ok {\n\t\t\tfan, _ = s.conn.(%s.FanOut)\n\t\t}\n", lname, callPkg)
+	p("\t\tif fan == nil {\n")
+	if sig.Results().Len() == 2 {
+		p("\t\t\tv, err := c.%s(ctx%s)\n", m.Name(), args)
+		p("\t\t\tyield(%s{Replica: %s.ReplicaName(), Value: v, Err: err})\n", reply, rt)
+	} else {
+		p("\t\t\terr := c.%s(ctx%s)\n", m.Name(), args)
+		p("\t\t\tyield(%s{Replica: %s.ReplicaName(), Err: err})\n", reply, rt)
+	}
+	p("\t\t\treturn\n\t\t}\n")
+	p("\t\tenc := %s.GetEncoder()\n\t\tdefer %s.PutEncoder(enc)\n", codecPkg, codecPkg)
+	for i := 1; i < sig.Params().Len(); i++ {
+		t := sig.Params().At(i).Type()
+		if sig.Variadic() && i == sig.Params().Len()-1 {
+			t = types.NewSlice(t.(*types.Slice).Elem())
+		}
+		p("\t\t%s\n", g.types.encode(t, fmt.Sprintf("a%d", i)))
+	}
+	p("\t\tif err := enc.Err(); err != nil {\n\t\t\tyield(%s{Err: err})\n\t\t\treturn\n\t\t}\n", reply)
+	p("\t\tfor r := range fan.CallAll(ctx, %s_%s_key, enc.Data(), %s) {\n", lname, m.Name(), opts)
+	p("\t\t\trep := %s{Replica: r.Endpoint, Err: r.Err}\n", reply)
+	p("\t\t\tif r.Err == nil {\n")
+	p("\t\t\t\tdec := %s.NewOwnedDecoder(r.Result) // the caller owns the reply\n", codecPkg)
+	if sig.Results().Len() == 2 {
+		p("\t\t\t\trep.Value = %s\n", g.types.decode(sig.Results().At(0).Type()))
+	}
+	p("\t\t\t\tappErr := dec.Error()\n")
+	p("\t\t\t\tif err := dec.Finish(); err != nil {\n\t\t\t\t\trep.Err = %s.ResultsError(%q, err)\n\t\t\t\t} else {\n\t\t\t\t\trep.Err = appErr\n\t\t\t\t}\n", rt, iname+"."+m.Name())
+	p("\t\t\t}\n")
+	p("\t\t\tif !yield(rep) {\n\t\t\t\treturn\n\t\t\t}\n\t\t}\n\t}\n}\n\n")
 }
 
 // sumHints adds up the non-empty size hints, plus room for lengths and the error, or returns
