@@ -110,7 +110,7 @@ func (c *client) callByAffinity(ctx context.Context, key MethodKey, args []byte,
 	}
 	opts.Balancer = balance.Func(func(balance.PickInfo) (balance.Member, error) { return m, nil })
 	opts.Affinity = nil
-	result, _, err := c.attempt(ctx, key, args, opts, nil)
+	result, _, err := c.attempt(ctx, key, args, opts, nil, nil)
 	return result, err
 }
 

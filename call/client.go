@@ -40,6 +40,7 @@ type Conn struct {
 	free    freeList[clientCall]
 	upfront int           // declared bytes of replies allocated in full; owned by the reader
 	ka      *time.Timer   // keepalive; nil if disabled
+	wfTimer *time.Timer   // fails the connection a while after a write failed; guarded by mu
 	active  atomic.Int32  // callers inside Call
 	idle    atomic.Bool   // draining: close once active drops to zero
 	load    atomic.Uint32 // float32 bits of the load the server last reported
@@ -183,7 +184,7 @@ func newConn(ctx context.Context, nc net.Conn, addr string, opts ClientOptions) 
 	c.free.alloc = newClientCall
 	c.w = newWriter(nc, int(peer.maxFrame), opts.WriteFlattenLimit)
 	c.w.onCall = c.register
-	c.w.onError = func(err error) { c.fail(fmt.Errorf("writing to %s: %w", c.addr, err)) }
+	c.w.onError = c.writeFailed
 	c.w.budget = int(peer.budget)
 	setNotSentLowat(nc)
 	if iv := c.keepaliveInterval(); iv > 0 {
@@ -480,6 +481,28 @@ func (c *Conn) Close() {
 	c.w.wg.Wait()
 }
 
+// writeFailGrace is how long a connection whose write failed keeps reading before it fails
+// its calls: a server that drained and closed sent a go-away first, which tells which calls it
+// never took in.
+const writeFailGrace = time.Second
+
+// writeFailed handles the writer's failure: no new calls; the reader goes on until the peer's
+// end (a go-away may be on its way), for at most writeFailGrace, and then the calls still
+// waiting fail.
+func (c *Conn) writeFailed(err error) {
+	reason := fmt.Errorf("writing to %s: %w", c.addr, err)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if isClosed(c.closed) || c.wfTimer != nil {
+		return
+	}
+	if c.closeErr == nil {
+		c.closeErr = reason
+	}
+	c.setDrainingLocked()
+	c.wfTimer = time.AfterFunc(writeFailGrace, func() { c.fail(reason) })
+}
+
 // fail closes the connection for reason; the first reason wins.
 func (c *Conn) fail(reason error) {
 	c.mu.Lock()
@@ -492,10 +515,13 @@ func (c *Conn) fail(reason error) {
 	}
 	c.setDrainingLocked()
 	close(c.closed)
-	ka := c.ka
+	ka, wf := c.ka, c.wfTimer
 	c.mu.Unlock()
 	if ka != nil {
 		ka.Stop()
+	}
+	if wf != nil {
+		wf.Stop()
 	}
 	c.w.close(errWriterClosed)
 	c.conn.Close()

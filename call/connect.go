@@ -379,20 +379,22 @@ func (c *client) Call(ctx context.Context, key MethodKey, args []byte, opts Call
 			opts.ShardKey, opts.Sharded = k, true
 		}
 	}
+	c.budget.calls.Add(1) // every call earns retries
 	if opts.Affinity != nil {
 		return c.callByAffinity(ctx, key, args, opts)
 	}
 	if p := c.policies(&opts); p.active {
 		return c.callWithPolicies(ctx, key, args, opts, p)
 	}
-	result, _, err := c.attempt(ctx, key, args, opts, nil)
+	result, _, err := c.attempt(ctx, key, args, opts, nil, nil)
 	return result, err
 }
 
 // attempt makes one attempt of a call: it picks a member (avoiding those in avoid while others
 // are ready), sends the call, and resends it elsewhere if the server never took it in. It
-// returns the member that answered last, or nil.
-func (c *client) attempt(ctx context.Context, key MethodKey, args []byte, opts CallOptions, avoid []*member) ([]byte, *member, error) {
+// returns the member that answered last, or nil. If picked is not nil, it is called with every
+// member the attempt sends the call to, before sending.
+func (c *client) attempt(ctx context.Context, key MethodKey, args []byte, opts CallOptions, avoid []*member, picked func(*member)) ([]byte, *member, error) {
 	bal := c.opts.Balancer
 	if opts.Balancer != nil {
 		bal = opts.Balancer
@@ -410,6 +412,9 @@ func (c *client) attempt(ctx context.Context, key MethodKey, args []byte, opts C
 			if conn == nil {
 				// It lost its connections since s was published; s has been replaced.
 				continue
+			}
+			if picked != nil {
+				picked(m)
 			}
 			result, err = conn.Call(ctx, key, args, opts)
 			m.record(err)

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"math"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -50,7 +51,10 @@ type HedgePolicy struct {
 	MaxHedges int
 }
 
-func (p HedgePolicy) enabled() bool { return p.Delay > 0 || p.Percentile > 0 && p.Percentile < 1 }
+func (p HedgePolicy) enabled() bool { return p.Delay > 0 || p.byPercentile() }
+
+// byPercentile reports whether the delay follows a latency percentile.
+func (p HedgePolicy) byPercentile() bool { return p.Percentile > 0 && p.Percentile < 1 }
 
 // RetryBudget bounds the retries and hedges of Connections: a token bucket that every call
 // fills by Ratio, that refills by MinPerSecond every second whatever the traffic, that holds at
@@ -60,9 +64,14 @@ func (p HedgePolicy) enabled() bool { return p.Delay > 0 || p.Percentile > 0 && 
 type RetryBudget struct {
 	ratio, perSecond, max float64
 
-	mu     sync.Mutex
-	tokens float64
-	last   time.Time
+	// calls counts the calls of the Connections that use the budget; withdraw turns the new
+	// ones into tokens, so a call costs one atomic add.
+	calls atomic.Uint64
+
+	mu        sync.Mutex
+	tokens    float64
+	last      time.Time
+	seenCalls uint64 // calls already turned into tokens
 
 	spent, denied atomic.Uint64
 }
@@ -88,7 +97,7 @@ func NewRetryBudget(ratio, minPerSecond float64) *RetryBudget {
 	return b
 }
 
-// refillLocked adds the tokens of the time since the last refill.
+// refillLocked adds the tokens of the time since the last refill and of the calls made since.
 //
 // REQUIRES: b.mu is held.
 func (b *RetryBudget) refillLocked() {
@@ -97,14 +106,9 @@ func (b *RetryBudget) refillLocked() {
 		b.tokens = min(b.tokens+b.perSecond*d.Seconds(), b.max)
 	}
 	b.last = now
-}
-
-// deposit records a call.
-func (b *RetryBudget) deposit() {
-	b.mu.Lock()
-	b.refillLocked()
-	b.tokens = min(b.tokens+b.ratio, b.max)
-	b.mu.Unlock()
+	n := b.calls.Load()
+	b.tokens = min(b.tokens+b.ratio*float64(n-b.seenCalls), b.max)
+	b.seenCalls = n
 }
 
 // withdraw takes a token for a retry or hedge, if there is one.
@@ -189,7 +193,6 @@ func retryable(err error, idempotent bool) bool {
 
 // callWithPolicies makes a call with retries or hedges.
 func (c *client) callWithPolicies(ctx context.Context, key MethodKey, args []byte, opts CallOptions, p policies) ([]byte, error) {
-	c.budget.deposit()
 	start := time.Now()
 	var result []byte
 	var err error
@@ -198,29 +201,60 @@ func (c *client) callWithPolicies(ctx context.Context, key MethodKey, args []byt
 	} else {
 		result, err = c.retried(ctx, key, args, opts, p.retry)
 	}
-	if err == nil && p.hedge.Percentile > 0 {
+	if err == nil && p.hedge.byPercentile() {
 		c.latencies(key).record(time.Since(start))
 	}
 	return result, err
 }
 
+// retryDelay is how long retry n of a call that failed with err waits.
+func retryDelay(p RetryPolicy, n int, err error) time.Duration {
+	delay := p.Backoff.Delay(n)
+	if ra, ok := RetryAfter(err); ok {
+		delay = max(delay, ra)
+	}
+	return delay
+}
+
+// mayHaveRun returns err, the last error of a call, changed to say that the call may have run
+// when an earlier attempt may have: a caller must never be told that a call that may have run
+// did not.
+func mayHaveRun(err error) error {
+	ce, ok := err.(*callError)
+	if !ok || !ce.neverRan {
+		return err
+	}
+	e := *ce
+	e.neverRan, e.unsent, e.local = false, false, false
+	e.msg = strings.TrimPrefix(e.msg+"; an earlier attempt may have run", "; ")
+	return &e
+}
+
 // retried makes a call with retries.
 func (c *client) retried(ctx context.Context, key MethodKey, args []byte, opts CallOptions, p RetryPolicy) ([]byte, error) {
 	var tried []*member
+	ran := false // an attempt may have run
+	final := func(err error) error {
+		if ran {
+			return mayHaveRun(err)
+		}
+		return err
+	}
 	for n := 1; ; n++ {
-		result, m, err := c.attempt(ctx, key, args, opts, tried)
-		if err == nil || n >= p.MaxAttempts || !retryable(err, opts.Idempotent) {
-			return result, err
+		result, m, err := c.attempt(ctx, key, args, opts, tried, nil)
+		if err == nil {
+			return result, nil
 		}
-		delay := p.Backoff.Delay(n)
-		if ra, ok := RetryAfter(err); ok {
-			delay = max(delay, ra)
+		if n >= p.MaxAttempts || !retryable(err, opts.Idempotent) {
+			return nil, final(err)
 		}
+		ran = ran || !NeverRan(err)
+		delay := retryDelay(p, n, err)
 		if d, ok := ctx.Deadline(); ok && time.Until(d) <= delay {
-			return nil, err
+			return nil, final(err)
 		}
 		if !c.budget.withdraw() {
-			return nil, err
+			return nil, final(err)
 		}
 		if m != nil {
 			tried = append(tried, m)
@@ -230,7 +264,7 @@ func (c *client) retried(ctx context.Context, key MethodKey, args []byte, opts C
 		case <-t.C:
 		case <-ctx.Done():
 			t.Stop()
-			return nil, err
+			return nil, ctxError(ctx, !ran)
 		}
 	}
 }
@@ -243,13 +277,13 @@ type hedgeResult struct {
 }
 
 // hedged makes an idempotent call with hedges: a new attempt, to an endpoint not tried yet
-// when there is one, whenever the running ones have taken the hedge delay, or at once when one
-// fails in a way worth retrying, up to 1+MaxHedges attempts (and the retry policy's
-// MaxAttempts, if larger). The first success wins; the other attempts are cancelled and joined
-// before it returns.
+// when there is one, whenever the running ones have taken the hedge delay, or — after the
+// retry policy's backoff and the server's retry-after delay — when one fails in a way worth
+// retrying, up to 1+MaxHedges attempts (and the retry policy's MaxAttempts, if larger). The
+// first success wins; the other attempts are cancelled and joined before it returns.
 func (c *client) hedged(ctx context.Context, key MethodKey, args []byte, opts CallOptions, p policies) ([]byte, error) {
 	delay := p.hedge.Delay
-	if p.hedge.Percentile > 0 {
+	if p.hedge.byPercentile() {
 		if d, ok := c.latencies(key).percentile(p.hedge.Percentile); ok {
 			delay = max(delay, d)
 		}
@@ -257,9 +291,14 @@ func (c *client) hedged(ctx context.Context, key MethodKey, args []byte, opts Ca
 	attempts := max(1+p.hedge.MaxHedges, p.retry.MaxAttempts)
 	actx, cancel := context.WithCancel(ctx)
 	results := make(chan hedgeResult, attempts)
-	var tried []*member
 	var triedMu sync.Mutex
-	launched, outstanding := 0, 0
+	var tried []*member // every member an attempt sent the call to, as it is sent
+	picked := func(m *member) {
+		triedMu.Lock()
+		tried = append(tried, m)
+		triedMu.Unlock()
+	}
+	launched, outstanding, failed := 0, 0, 0
 	launch := func() {
 		triedMu.Lock()
 		avoid := slices.Clone(tried)
@@ -267,12 +306,7 @@ func (c *client) hedged(ctx context.Context, key MethodKey, args []byte, opts Ca
 		launched++
 		outstanding++
 		go func() {
-			result, m, err := c.attempt(actx, key, args, opts, avoid)
-			if m != nil {
-				triedMu.Lock()
-				tried = append(tried, m)
-				triedMu.Unlock()
-			}
+			result, m, err := c.attempt(actx, key, args, opts, avoid, picked)
 			results <- hedgeResult{result, m, err}
 		}()
 	}
@@ -284,14 +318,15 @@ func (c *client) hedged(ctx context.Context, key MethodKey, args []byte, opts Ca
 		return result, err
 	}
 	launch()
-	var timer *time.Timer
-	var tick <-chan time.Time
+	var hedgeC, retryC <-chan time.Time
+	var hedgeT, retryT *time.Timer
 	if delay > 0 {
-		timer = time.NewTimer(delay)
-		defer timer.Stop()
-		tick = timer.C
+		hedgeT = time.NewTimer(delay)
+		defer hedgeT.Stop()
+		hedgeC = hedgeT.C
 	}
 	var lastErr error
+	ran := false
 	for {
 		select {
 		case r := <-results:
@@ -300,19 +335,40 @@ func (c *client) hedged(ctx context.Context, key MethodKey, args []byte, opts Ca
 				return finish(r.result, nil)
 			}
 			lastErr = r.err
-			if launched < attempts && retryable(r.err, true) && ctx.Err() == nil && c.budget.withdraw() {
-				launch()
-				continue
+			ran = ran || !NeverRan(r.err)
+			failed++
+			if launched < attempts && retryC == nil && retryable(r.err, true) && ctx.Err() == nil {
+				d := retryDelay(p.retry, failed, r.err)
+				if dl, ok := ctx.Deadline(); !ok || time.Until(dl) > d {
+					retryT = time.NewTimer(d)
+					defer retryT.Stop()
+					retryC = retryT.C
+				}
 			}
-			if outstanding == 0 {
+			if outstanding == 0 && retryC == nil {
+				if ran {
+					lastErr = mayHaveRun(lastErr)
+				}
 				return finish(nil, lastErr)
 			}
-		case <-tick:
+		case <-retryC:
+			retryC = nil
+			if launched < attempts && c.budget.withdraw() {
+				launch()
+			} else if outstanding == 0 {
+				if ran {
+					lastErr = mayHaveRun(lastErr)
+				}
+				return finish(nil, lastErr)
+			}
+		case <-hedgeC:
 			if launched < attempts && c.budget.withdraw() {
 				launch()
 			}
 			if launched < attempts {
-				timer.Reset(delay)
+				hedgeT.Reset(delay)
+			} else {
+				hedgeC = nil
 			}
 		case <-ctx.Done():
 			return finish(nil, ctxError(ctx, false))
@@ -349,19 +405,21 @@ func (w *latencyWindow) record(d time.Duration) {
 	w.mu.Unlock()
 }
 
-// percentile returns the q-quantile of the recorded latencies, recomputed every 32 records.
+// percentile returns the q-quantile (nearest rank) of the recorded latencies. It is
+// recomputed once a thirty-second of the window has been recorded since the last time.
 func (w *latencyWindow) percentile(q float64) (time.Duration, bool) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	if w.n < minLatencies {
 		return 0, false
 	}
-	if w.cachedQ == q && w.n-w.cachedN < 32 {
+	k := min(w.n, len(w.ring))
+	if w.cachedQ == q && w.n-w.cachedN < max(1, k/32) {
 		return w.cached, true
 	}
-	k := min(w.n, len(w.ring))
 	s := slices.Clone(w.ring[:k])
 	slices.Sort(s)
-	w.cached, w.cachedQ, w.cachedN = s[min(int(q*float64(k)), k-1)], q, w.n
+	rank := int(math.Ceil(q*float64(k))) - 1
+	w.cached, w.cachedQ, w.cachedN = s[min(max(rank, 0), k-1)], q, w.n
 	return w.cached, true
 }

@@ -833,9 +833,11 @@ func (s *serverConn) readFailed(err error) {
 	switch {
 	case req != nil && req.drained:
 		s.flushAndClose(-1, nil)
+		s.linger()
 		s.shutdown(errDrained)
 	case req != nil:
 		s.flushAndClose(req.code, req.reason)
+		s.linger()
 		s.shutdown(req.reason)
 	case errors.Is(err, ErrProtocol):
 		code := closeProtocol
@@ -849,6 +851,24 @@ func (s *serverConn) readFailed(err error) {
 	default:
 		s.shutdown(err)
 	}
+}
+
+// lingerTimeout bounds how long a server reads what a client still sends after the server
+// closed its end.
+const lingerTimeout = time.Second
+
+// linger half-closes the connection, when it can, and reads and drops what the client still
+// sends (calls it sent before it saw the go-away) until the client closes its end, for at most
+// lingerTimeout. Closing a socket with unread input would reset the connection, and the reset
+// can destroy the go-away before the client reads it: the client would then not know which of
+// its calls never ran.
+func (s *serverConn) linger() {
+	cw, ok := s.conn.(interface{ CloseWrite() error })
+	if !ok || cw.CloseWrite() != nil {
+		return
+	}
+	s.conn.SetReadDeadline(time.Now().Add(lingerTimeout))
+	io.Copy(io.Discard, s.conn)
 }
 
 // flushAndClose sends a go-away with code (unless code is negative) and waits, at most a
