@@ -3,6 +3,7 @@ package call
 import (
 	"context"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"math"
 	"sync"
@@ -91,38 +92,47 @@ type scored struct {
 // callByAffinity selects an endpoint by affinity and sends the call to it.
 func (c *client) callByAffinity(ctx context.Context, key MethodKey, args []byte, opts CallOptions) ([]byte, error) {
 	sel := *opts.Affinity
-	var m *member
-	for {
-		var s *snapshot
-		var err error
-		m, s, err = c.selectByAffinity(ctx, key, args, sel)
-		if err == nil {
-			break
-		}
-		if m == nil && s != nil && s.connecting > 0 && ctx.Err() == nil {
-			// None of the ready endpoints accepted the call, but others are connecting:
-			// ask again once the set changes.
-			if wait(ctx, s) == nil {
-				continue
-			}
-		}
-		return nil, err
-	}
-	opts.Balancer = balance.Func(func(balance.PickInfo) (balance.Member, error) { return m, nil })
 	opts.Affinity = nil
-	result, _, err := c.attempt(ctx, key, args, opts, nil, nil)
-	return result, err
+	for tries := 1; ; tries++ {
+		m, s, err := c.selectByAffinity(ctx, key, args, sel, opts.WaitForReady)
+		if err != nil {
+			if m == nil && s != nil && (s.connecting > 0 || opts.WaitForReady) && ctx.Err() == nil {
+				// None of the ready endpoints accepted the call, but others may: ask again
+				// once the set changes.
+				if wait(ctx, s) == nil {
+					continue
+				}
+			}
+			return nil, err
+		}
+		// The chosen endpoint only: if it stops being ready before the call leaves, the call
+		// fails as never run, and the selection starts over.
+		opts.Balancer = balance.Func(func(balance.PickInfo) (balance.Member, error) {
+			if !m.Ready() {
+				return nil, balance.ErrNoMember
+			}
+			return m, nil
+		})
+		result, _, err := c.attempt(ctx, key, args, opts, nil, nil)
+		if err != nil && tries < maxResends && NeverRan(err) && errors.Is(err, ErrUnreachable) && ctx.Err() == nil {
+			continue
+		}
+		return result, err
+	}
 }
 
 // selectByAffinity asks the ready endpoints of the current set for their affinity to a call
 // and chooses one as sel says. It returns the snapshot it asked, when it asked one.
-func (c *client) selectByAffinity(ctx context.Context, key MethodKey, args []byte, sel SelectionOptions) (*member, *snapshot, error) {
+func (c *client) selectByAffinity(ctx context.Context, key MethodKey, args []byte, sel SelectionOptions, waitForReady bool) (*member, *snapshot, error) {
 	var s *snapshot
 	for s = c.snap.Load(); len(s.ready) == 0; s = c.snap.Load() {
-		if s.closed {
+		switch {
+		case s.closed:
 			return nil, nil, newError(ErrUnreachable, true, "connection closed", ErrClosed)
-		}
-		if s.resolved && s.connecting == 0 {
+		case waitForReady:
+		case !s.resolved && s.resolveErr != nil:
+			return nil, nil, newError(ErrUnreachable, true, "resolver failed", s.resolveErr)
+		case s.resolved && s.connecting == 0:
 			return nil, nil, newError(ErrUnreachable, true, "no endpoint is ready to select by affinity", nil)
 		}
 		if err := wait(ctx, s); err != nil {

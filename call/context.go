@@ -44,8 +44,8 @@ type localMetadataKey struct{}
 
 // LocalContext returns the context for a call made within the process (a generated local
 // stub's call), so that the callee sees what it would across a connection: its
-// IncomingMetadata is the metadata ctx would have sent, and ctx's outgoing metadata and shard
-// key do not carry into the callee's own calls. Deadline, cancellation, values and trace
+// IncomingMetadata is the metadata ctx would have sent, and ctx's outgoing metadata, shard key
+// and WithCallOptions do not carry into the callee's own calls. Deadline, cancellation, values and trace
 // context carry as they are.
 func LocalContext(ctx context.Context) context.Context {
 	return &localCall{Context: ctx, md: outgoingMetadata(ctx)}
@@ -60,7 +60,7 @@ func (c *localCall) Value(key any) any {
 	switch key.(type) {
 	case localMetadataKey:
 		return c.md
-	case outgoingMetadataKey, shardKey, serverCallKey:
+	case outgoingMetadataKey, shardKey, callOptionsKey, serverCallKey:
 		return nil // not carried across a call, as over a connection
 	}
 	return c.Context.Value(key)

@@ -31,6 +31,9 @@ var _ FanOut = (*client)(nil)
 
 // CallAll implements [FanOut].
 func (c *client) CallAll(ctx context.Context, key MethodKey, args []byte, opts CallOptions) iter.Seq[Reply] {
+	if o, ok := ctx.Value(callOptionsKey{}).(*CallOptions); ok {
+		opts.merge(o)
+	}
 	return func(yield func(Reply) bool) {
 		ctx, cancel := context.WithCancel(ctx)
 		defer cancel()

@@ -13,7 +13,7 @@ import (
 // and a queue of 64 calls, each mirrored call bounded by 5 seconds.
 type MirrorOptions struct {
 	// Fraction is the share of calls that are mirrored, in [0, 1]; the calls are sampled at
-	// random. If zero, 1 (every call). A negative value mirrors nothing.
+	// random. If zero, 1 (every call). A negative value (or NaN) mirrors nothing.
 	Fraction float64
 
 	// Filter, if not nil, selects the calls that may be mirrored by method key (see
@@ -21,14 +21,15 @@ type MirrorOptions struct {
 	Filter func(key MethodKey) bool
 
 	// Queue bounds the mirrored calls waiting to be sent. When it is full a call is not
-	// mirrored, and the drop is counted: the caller never waits for the mirror. If zero, 64.
+	// mirrored, and the drop is counted: the caller never waits for the mirror. If zero or
+	// negative, 64.
 	Queue int
 
-	// Workers is the number of goroutines that send mirrored calls. If zero, 4.
+	// Workers is the number of goroutines that send mirrored calls. If zero or negative, 4.
 	Workers int
 
 	// Timeout bounds each mirrored call (the caller's deadline does not apply: the caller
-	// does not wait for it). If zero, 5s.
+	// does not wait for it). If zero or negative, 5s.
 	Timeout time.Duration
 
 	// Compare, if not nil, is called (from a worker goroutine) with the primary's and the
@@ -115,6 +116,9 @@ func (m *Mirrored) Call(ctx context.Context, key MethodKey, args []byte, opts Ca
 	if mirror && m.opts.Filter != nil {
 		mirror = m.opts.Filter(key)
 	}
+	if mirror && isClosed(m.done) {
+		mirror = false
+	}
 	var mc mirrorCall
 	if mirror {
 		// The caller owns args once Call returns: the mirror needs its own copy.
@@ -126,7 +130,6 @@ func (m *Mirrored) Call(ctx context.Context, key MethodKey, args []byte, opts Ca
 			mc.result, mc.primaryErr = slices.Clone(result), err
 		}
 		select {
-		case <-m.done:
 		case m.queue <- mc:
 			m.mirrored.Add(1)
 		default:
@@ -144,6 +147,9 @@ func (m *Mirrored) work() {
 		case <-m.done:
 			return
 		case mc := <-m.queue:
+			if isClosed(m.done) {
+				return // Close drops what is queued
+			}
 			ctx, cancel := context.WithTimeout(mc.ctx, m.opts.Timeout)
 			stop := context.AfterFunc(m.closed, cancel) // Close ends the mirrored call
 			res, err := m.mirror.Call(ctx, mc.key, mc.args, mc.opts)
