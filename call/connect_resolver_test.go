@@ -636,6 +636,7 @@ func TestCRResolverErrorKeepsLastGoodSet(t *testing.T) {
 				t.Errorf("Status().ResolveErr = %v after the resolver recovered, want nil", st.ResolveErr)
 			}
 			crWantServers(t, "calls after the recovery", crCalls(t, ctx, conn, 5, call.CallOptions{}), "b")
+			crWaitClosed(t, a, 1) // the removed endpoint's connection closes once drained, asynchronously
 			crWantCounts(t, a, 1, 1)
 			crWantCounts(t, b, 1, 0)
 		})
