@@ -503,7 +503,9 @@ func (c *Conn) writeFailed(err error) {
 	c.wfTimer = time.AfterFunc(writeFailGrace, func() { c.fail(reason) })
 }
 
-// fail closes the connection for reason; the first reason wins.
+// fail closes the connection for reason; the first reason wins. The reader, whose read then
+// fails, ends the calls still waiting: only the reader finishes calls of the table, so a reply
+// it is reading is never ended twice.
 func (c *Conn) fail(reason error) {
 	c.mu.Lock()
 	if isClosed(c.closed) {
@@ -525,7 +527,6 @@ func (c *Conn) fail(reason error) {
 	}
 	c.w.close(errWriterClosed)
 	c.conn.Close()
-	c.failAll()
 }
 
 // failAll completes every registered call with the connection's failure.
@@ -790,6 +791,8 @@ func (c *Conn) readLoop() {
 	upfrontInUse.Add(-int64(c.upfront))
 	c.upfront = 0
 	c.fail(err)
+	// The writer is closed: no call can be registered any more.
+	c.failAll()
 }
 
 func (c *Conn) read() error {
@@ -895,8 +898,9 @@ func (c *Conn) onReply(h frameHeader) error {
 	if total > c.opts.Limits.MaxMessageSize {
 		cc.skipping = true
 		if end {
-			c.take(h.id)
-			c.finish(cc, nil, newError(ErrMessageTooLarge, false, fmt.Sprintf("reply of %d bytes exceeds the client's limit of %d", total, c.opts.Limits.MaxMessageSize), nil), false, true)
+			if c.take(h.id) != nil {
+				c.finish(cc, nil, newError(ErrMessageTooLarge, false, fmt.Sprintf("reply of %d bytes exceeds the client's limit of %d", total, c.opts.Limits.MaxMessageSize), nil), false, true)
+			}
 		}
 		_, err := c.br.Discard(n)
 		return readError(err)
@@ -907,8 +911,9 @@ func (c *Conn) onReply(h frameHeader) error {
 	}
 	cc.result = cc.result[:n]
 	if end {
-		c.take(h.id)
-		c.finish(cc, cc.result, nil, false, true)
+		if c.take(h.id) != nil {
+			c.finish(cc, cc.result, nil, false, true)
+		}
 	}
 	return nil
 }
@@ -931,8 +936,9 @@ func (c *Conn) onData(h frameHeader) error {
 			return readError(err)
 		}
 		if end {
-			c.take(h.id)
-			c.finish(cc, nil, newError(ErrMessageTooLarge, false, fmt.Sprintf("reply of %d bytes exceeds the client's limit of %d", cc.total, c.opts.Limits.MaxMessageSize), nil), false, true)
+			if c.take(h.id) != nil {
+				c.finish(cc, nil, newError(ErrMessageTooLarge, false, fmt.Sprintf("reply of %d bytes exceeds the client's limit of %d", cc.total, c.opts.Limits.MaxMessageSize), nil), false, true)
+			}
 		}
 		return nil
 	}
@@ -947,8 +953,9 @@ func (c *Conn) onData(h frameHeader) error {
 	if end {
 		endMessage(&c.upfront, cc.upfront)
 		cc.upfront = 0
-		c.take(h.id)
-		c.finish(cc, cc.result, nil, false, true)
+		if c.take(h.id) != nil {
+			c.finish(cc, cc.result, nil, false, true)
+		}
 	}
 	return nil
 }
