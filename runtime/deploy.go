@@ -84,8 +84,7 @@ type deployment struct {
 	health    *health                    // the main process's
 	resolvers map[string]*resolve.Manual // the main process's, by group
 
-	mu    sync.Mutex
-	conns map[string]*groupConn // by group
+	conns *groupConns // the main process's Connections to the groups
 
 	rotMu sync.Mutex
 	// guarded by rotMu
@@ -130,7 +129,7 @@ func startDeployment(ctx context.Context, cfg Config) (*deployment, error) {
 	if err != nil {
 		return nil, fmt.Errorf("runtime: finding this program to start replicas: %w", err)
 	}
-	d := &deployment{cfg: cfg, exe: exe, dir: cfg.Dir, conns: map[string]*groupConn{}, health: newHealth(),
+	d := &deployment{cfg: cfg, exe: exe, dir: cfg.Dir, health: newHealth(),
 		resolvers: map[string]*resolve.Manual{}, rotation: map[string][]string{}}
 	if d.dir == "" {
 		if d.dir, err = os.MkdirTemp("", "weft-"); err != nil {
@@ -159,6 +158,11 @@ func startDeployment(ctx context.Context, cfg Config) (*deployment, error) {
 		d.rotation[gs.Name] = slices.Clone(gs.Sockets)
 		d.resolvers[gs.Name] = resolve.NewManual(unixEndpoints(gs.Sockets)...)
 	}
+	var planned []Group
+	for _, gs := range d.groups {
+		planned = append(planned, gs.Group)
+	}
+	d.conns = newGroupConns(d.ctx, cfg, planned, "", func(g Group) (resolve.Resolver, error) { return d.resolvers[g.Name], nil }, d.health)
 	for _, g := range d.groups {
 		for _, r := range g.replicas {
 			d.wg.Add(1)
@@ -191,32 +195,9 @@ func startDeployment(ctx context.Context, cfg Config) (*deployment, error) {
 	return d, nil
 }
 
-// remote returns the Connection to the group of reg, which is always remote for the main
-// process.
-func (d *deployment) remote(reg *Registration) (call.Connection, bool, error) {
-	for _, g := range d.groups {
-		if slices.Contains(g.Components, reg.Name) {
-			d.mu.Lock()
-			defer d.mu.Unlock()
-			c, ok := d.conns[g.Name]
-			if !ok {
-				c = connectGroup(d.ctx, g.Group, d.cfg, d.resolvers[g.Name], d.health)
-				d.conns[g.Name] = c
-			}
-			return c, true, nil
-		}
-	}
-	return nil, false, fmt.Errorf("runtime: component %s is in no group", reg.Name)
-}
-
 // stop drains and stops every replica and waits for them.
 func (d *deployment) stop() {
-	d.mu.Lock()
-	for _, c := range d.conns {
-		c.Close()
-	}
-	d.conns = map[string]*groupConn{}
-	d.mu.Unlock()
+	d.conns.close()
 	d.cancel()
 	d.wg.Wait()
 	if d.removeDir {
@@ -692,14 +673,13 @@ type host struct {
 	hm       call.HandlerMap
 	inFlight atomic.Int64 // calls of the group's components being served
 
-	mu    sync.Mutex
-	conns map[string]*groupConn // by group
+	conns *groupConns
 }
 
 // newHost creates the components of the group named mine, out of groups. Their references
 // to components of other groups reach them through resolverOf(group).
 func newHost(ctx context.Context, cfg Config, groups []Group, mine string, resolverOf func(Group) (resolve.Resolver, error)) (*host, error) {
-	hs := &host{cfg: cfg, health: newHealth(), conns: map[string]*groupConn{}}
+	hs := &host{cfg: cfg, health: newHealth()}
 	var me *Group
 	for i := range groups {
 		if groups[i].Name == mine {
@@ -709,30 +689,8 @@ func newHost(ctx context.Context, cfg Config, groups []Group, mine string, resol
 	if me == nil {
 		return nil, fmt.Errorf("no group is named %q", mine)
 	}
-	remote := func(reg *Registration) (call.Connection, bool, error) {
-		for _, g := range groups {
-			if !slices.Contains(g.Components, reg.Name) {
-				continue
-			}
-			if g.Name == mine {
-				return nil, false, nil
-			}
-			hs.mu.Lock()
-			defer hs.mu.Unlock()
-			c, ok := hs.conns[g.Name]
-			if !ok {
-				r, err := resolverOf(g)
-				if err != nil {
-					return nil, false, fmt.Errorf("group %s: %w", g.Name, err)
-				}
-				c = connectGroup(ctx, g, cfg, r, hs.health)
-				hs.conns[g.Name] = c
-			}
-			return c, true, nil
-		}
-		return nil, false, fmt.Errorf("component %s is in no group", reg.Name)
-	}
-	w, err := newWiring(cfg, hs.health, remote)
+	hs.conns = newGroupConns(ctx, cfg, groups, mine, resolverOf, hs.health)
+	w, err := newWiring(cfg, hs.health, hs.conns.remote)
 	if err != nil {
 		return nil, err
 	}
@@ -770,7 +728,7 @@ func newHost(ctx context.Context, cfg Config, groups []Group, mine string, resol
 	// The runtime's own method, after the wrapping: not counted, not measured.
 	started := time.Now()
 	hs.hm.Set(diagnosticsComponent, "Diagnostics", func(context.Context, []byte) ([]byte, error) {
-		return json.Marshal((&diag{started: started, mode: "multi", w: hs.w, host: hs}).snapshot())
+		return json.Marshal((&diag{started: started, mode: "multi", w: hs.w, host: hs, conns: hs.conns}).snapshot())
 	})
 	return hs, nil
 }
@@ -792,9 +750,73 @@ func (hs *host) close() {
 	if hs.w != nil {
 		hs.w.close()
 	}
-	hs.mu.Lock()
-	defer hs.mu.Unlock()
-	for _, c := range hs.conns {
+	hs.conns.close()
+}
+
+// groupConns are a process's Connections to the groups of components it does not host, made
+// on first use.
+type groupConns struct {
+	ctx      context.Context
+	cfg      Config
+	groups   []Group
+	local    string // the group this process hosts, or ""
+	resolver func(Group) (resolve.Resolver, error)
+	health   *health
+
+	mu sync.Mutex
+	// guarded by mu
+	conns map[string]*groupConn // by group
+}
+
+func newGroupConns(ctx context.Context, cfg Config, groups []Group, local string, resolver func(Group) (resolve.Resolver, error), h *health) *groupConns {
+	return &groupConns{ctx: ctx, cfg: cfg, groups: groups, local: local, resolver: resolver, health: h, conns: map[string]*groupConn{}}
+}
+
+// remote is the wiring's way to reach the component of reg: through the Connection to its
+// group, or, for the local group, not at all (it is created here).
+func (gc *groupConns) remote(reg *Registration) (call.Connection, bool, error) {
+	for _, g := range gc.groups {
+		if !slices.Contains(g.Components, reg.Name) {
+			continue
+		}
+		if g.Name == gc.local {
+			return nil, false, nil
+		}
+		gc.mu.Lock()
+		defer gc.mu.Unlock()
+		c, ok := gc.conns[g.Name]
+		if !ok {
+			r, err := gc.resolver(g)
+			if err != nil {
+				return nil, false, fmt.Errorf("runtime: group %s: %w", g.Name, err)
+			}
+			c = connectGroup(gc.ctx, g, gc.cfg, r, gc.health)
+			gc.conns[g.Name] = c
+		}
+		return c, true, nil
+	}
+	return nil, false, fmt.Errorf("runtime: component %s is in no group", reg.Name)
+}
+
+// channels describes the Connection to every other group, in the groups' order.
+func (gc *groupConns) channels() []ChannelDiagnostic {
+	gc.mu.Lock()
+	defer gc.mu.Unlock()
+	var out []ChannelDiagnostic
+	for _, g := range gc.groups {
+		if g.Name != gc.local {
+			out = append(out, channelDiagnostic(g.Name, gc.conns[g.Name]))
+		}
+	}
+	return out
+}
+
+// close closes the Connections; later ones are made anew.
+func (gc *groupConns) close() {
+	gc.mu.Lock()
+	defer gc.mu.Unlock()
+	for _, c := range gc.conns {
 		c.Close()
 	}
+	gc.conns = map[string]*groupConn{}
 }

@@ -100,6 +100,7 @@ type diag struct {
 	w       *wiring
 	d       *deployment // nil but in the main process of a multi-process deployment
 	host    *host       // nil but in a process that serves a group
+	conns   *groupConns // the process's Connections to other groups, if any
 }
 
 var current struct {
@@ -137,20 +138,13 @@ func (g *diag) snapshot() Diagnostics {
 			}
 			out.Groups = append(out.Groups, gi)
 		}
-		g.d.mu.Lock()
-		for _, gs := range g.d.groups {
-			out.Channels = append(out.Channels, channelDiagnostic(gs.Name, g.d.conns[gs.Name]))
-		}
-		g.d.mu.Unlock()
 		g.replicaDetails(out.Groups)
 	}
 	if g.host != nil {
 		out.InFlight = g.host.inFlight.Load()
-		g.host.mu.Lock()
-		for _, name := range slices.Sorted(maps.Keys(g.host.conns)) {
-			out.Channels = append(out.Channels, channelDiagnostic(name, g.host.conns[name]))
-		}
-		g.host.mu.Unlock()
+	}
+	if g.conns != nil {
+		out.Channels = g.conns.channels()
 	}
 	g.w.mu.Lock()
 	for iface := range g.w.comps {

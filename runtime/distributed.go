@@ -7,7 +7,6 @@ import (
 	"log/slog"
 	"net"
 	"os"
-	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -80,41 +79,6 @@ func groupResolver(g Group) (resolve.Resolver, error) {
 	return resolve.Constant(eps...), nil
 }
 
-// remoteGroups returns the wiring's way to reach the components of groups that this process
-// does not host, and a function that closes the Connections it made.
-func remoteGroups(ctx context.Context, cfg Config, groups []Group, h *health) (func(*Registration) (*groupConn, error), func()) {
-	var mu sync.Mutex
-	conns := map[string]*groupConn{}
-	get := func(reg *Registration) (*groupConn, error) {
-		for _, g := range groups {
-			if !slices.Contains(g.Components, reg.Name) {
-				continue
-			}
-			mu.Lock()
-			defer mu.Unlock()
-			c, ok := conns[g.Name]
-			if !ok {
-				r, err := groupResolver(g)
-				if err != nil {
-					return nil, err
-				}
-				c = connectGroup(ctx, g, cfg, r, h)
-				conns[g.Name] = c
-			}
-			return c, nil
-		}
-		return nil, fmt.Errorf("runtime: component %s is in no group", reg.Name)
-	}
-	closeAll := func() {
-		mu.Lock()
-		defer mu.Unlock()
-		for _, c := range conns {
-			c.Close()
-		}
-	}
-	return get, closeAll
-}
-
 // serveDistributed serves the group cfg.Serve of a distributed deployment on its Listen
 // address until ctx is done or the process is asked to stop (SIGTERM, interrupt), then drains.
 func serveDistributed(ctx context.Context, cfg Config, groups []Group) error {
@@ -155,7 +119,7 @@ func serveDistributed(ctx context.Context, cfg Config, groups []Group) error {
 		dctx, stopDiag := context.WithCancel(context.Background())
 		defer wg.Wait()
 		defer stopDiag()
-		url, err := serveDiagnostics(dctx, cfg.Diagnostics, &diag{started: time.Now(), mode: "distributed", w: hs.w, host: hs}, &wg)
+		url, err := serveDiagnostics(dctx, cfg.Diagnostics, &diag{started: time.Now(), mode: "distributed", w: hs.w, host: hs, conns: hs.conns}, &wg)
 		if err != nil {
 			stopServing()
 			<-served

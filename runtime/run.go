@@ -139,6 +139,7 @@ func Run[T any](ctx context.Context, cfg Config, app func(context.Context, *T) e
 	}
 	var w *wiring
 	var d *deployment
+	var conns *groupConns // Connections to other processes' groups, if any
 	var err error
 	mode := "single"
 	if cfg.Distributed {
@@ -159,22 +160,17 @@ func Run[T any](ctx context.Context, cfg Config, app func(context.Context, *T) e
 	case cfg.Distributed:
 		h := newHealth()
 		groups, _ := plan(cfg)
-		get, closeConns := remoteGroups(context.WithoutCancel(ctx), cfg, groups, h)
-		defer closeConns()
-		w, err = newWiring(cfg, h, func(reg *Registration) (call.Connection, bool, error) {
-			c, err := get(reg)
-			if err != nil {
-				return nil, false, err
-			}
-			return c, true, nil
-		})
+		conns = newGroupConns(context.WithoutCancel(ctx), cfg, groups, "", groupResolver, h)
+		defer conns.close()
+		w, err = newWiring(cfg, h, conns.remote)
 		mode = "distributed"
 	case cfg.Multi:
 		if d, err = startDeployment(ctx, cfg); err != nil {
 			return err
 		}
 		defer d.stop()
-		w, err = newWiring(cfg, d.health, d.remote)
+		conns = d.conns
+		w, err = newWiring(cfg, d.health, conns.remote)
 		mode = "multi"
 	default:
 		w, err = newWiring(cfg, newHealth(), nil)
@@ -191,7 +187,7 @@ func Run[T any](ctx context.Context, cfg Config, app func(context.Context, *T) e
 		var wg sync.WaitGroup
 		defer wg.Wait()
 		defer stop()
-		url, err := serveDiagnostics(dctx, cfg.Diagnostics, &diag{started: time.Now(), mode: mode, w: w, d: d}, &wg)
+		url, err := serveDiagnostics(dctx, cfg.Diagnostics, &diag{started: time.Now(), mode: mode, w: w, d: d, conns: conns}, &wg)
 		if err != nil {
 			return err
 		}
