@@ -64,7 +64,6 @@ type Mirrored struct {
 	opts            MirrorOptions
 	queue           chan mirrorCall
 	wg              sync.WaitGroup
-	done            chan struct{}
 	closed          context.Context // cancelled by Close
 	closeAll        context.CancelFunc
 	closeOnce       sync.Once
@@ -100,7 +99,7 @@ func Mirror(primary, mirror Connection, opts MirrorOptions) *Mirrored {
 	if opts.Timeout <= 0 {
 		opts.Timeout = 5 * time.Second
 	}
-	m := &Mirrored{primary: primary, mirror: mirror, opts: opts, queue: make(chan mirrorCall, opts.Queue), done: make(chan struct{})}
+	m := &Mirrored{primary: primary, mirror: mirror, opts: opts, queue: make(chan mirrorCall, opts.Queue)}
 	m.closed, m.closeAll = context.WithCancel(context.Background())
 	m.wg.Add(opts.Workers)
 	for range opts.Workers {
@@ -116,7 +115,7 @@ func (m *Mirrored) Call(ctx context.Context, key MethodKey, args []byte, opts Ca
 	if mirror && m.opts.Filter != nil {
 		mirror = m.opts.Filter(key)
 	}
-	if mirror && isClosed(m.done) {
+	if mirror && m.closed.Err() != nil {
 		mirror = false
 	}
 	var mc mirrorCall
@@ -144,10 +143,10 @@ func (m *Mirrored) work() {
 	defer m.wg.Done()
 	for {
 		select {
-		case <-m.done:
+		case <-m.closed.Done():
 			return
 		case mc := <-m.queue:
-			if isClosed(m.done) {
+			if m.closed.Err() != nil {
 				return // Close drops what is queued
 			}
 			ctx, cancel := context.WithTimeout(mc.ctx, m.opts.Timeout)
@@ -179,14 +178,13 @@ func (m *Mirrored) Status() ConnectionStatus {
 	if in, ok := m.primary.(Inspectable); ok {
 		return in.Status()
 	}
-	return ConnectionStatus{Closed: isClosed(m.done)}
+	return ConnectionStatus{Closed: m.closed.Err() != nil}
 }
 
 // Close implements [Connection]: it stops mirroring, waits for the mirrored calls in progress
 // (cancelled), and closes the primary and the mirror.
 func (m *Mirrored) Close() {
 	m.closeOnce.Do(func() {
-		close(m.done)
 		m.closeAll()
 		m.wg.Wait()
 		m.primary.Close()

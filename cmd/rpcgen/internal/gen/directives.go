@@ -5,6 +5,7 @@ import (
 	"go/ast"
 	"go/token"
 	"go/types"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -52,7 +53,7 @@ type affinitySetting struct {
 	timeout, short time.Duration
 }
 
-// any reports whether the method has settings its client stub passes in CallOptions.
+// callOptions reports whether the method has settings its client stub passes in CallOptions.
 func (s *settings) callOptions() bool {
 	return s != nil && (s.idempotent || s.retry != nil || s.hedge != nil || s.affinity != nil)
 }
@@ -129,7 +130,7 @@ func (g *generator) directive(s *settings, what string, at token.Pos, text strin
 		m := map[string]string{}
 		for _, a := range args {
 			k, v, _ := strings.Cut(a, "=")
-			if !containsString(allowed, k) {
+			if !slices.Contains(allowed, k) {
 				bad("unknown setting %q (want %s)", k, strings.Join(allowed, ", "))
 				continue
 			}
@@ -217,15 +218,6 @@ func (g *generator) directive(s *settings, what string, at token.Pos, text strin
 	default:
 		g.errorf(at, "method %s: unknown directive //weft:%s (want idempotent, retry, hedge, multi or affinity)", what, name)
 	}
-}
-
-func containsString(s []string, v string) bool {
-	for _, x := range s {
-		if x == v {
-			return true
-		}
-	}
-	return false
 }
 
 // checkAffinityMethod reports an implementation of c that lacks m's affinity method.
