@@ -248,7 +248,7 @@ func (r *cpRelay) close() {
 func (r *cpRelay) pump(src, dst net.Conn, upstream bool) {
 	defer r.e.wg.Done()
 	defer r.close()
-	var scan cpFrameScanner
+	scan := cpFrameScanner{count: testkit.TypePing}
 	buf := make([]byte, 64<<10)
 	for {
 		n, err := src.Read(buf)
@@ -275,38 +275,40 @@ func (r *cpRelay) pump(src, dst net.Conn, upstream bool) {
 	}
 }
 
-// cpFrameScanner follows a client's byte stream (a hello, then frames) and counts its PINGs.
+// cpFrameScanner follows a client's byte stream (a hello, then frames) and counts its frames
+// of one type.
 type cpFrameScanner struct {
+	count byte // the frame type counted
 	buf   []byte
 	hello bool // the hello has been skipped
 }
 
-// feed adds b to the stream and returns the number of PING frames completed by it.
+// feed adds b to the stream and returns the number of frames of the counted type it completes.
 func (s *cpFrameScanner) feed(b []byte) int {
 	s.buf = append(s.buf, b...)
-	pings := 0
+	seen := 0
 	for {
 		if !s.hello {
 			if len(s.buf) < testkit.HelloPrefixSize {
-				return pings
+				return seen
 			}
 			n := testkit.HelloPrefixSize + testkit.HelloRestLen(s.buf)
 			if len(s.buf) < n {
-				return pings
+				return seen
 			}
 			s.buf, s.hello = s.buf[n:], true
 			continue
 		}
 		if len(s.buf) < testkit.HeaderSize {
-			return pings
+			return seen
 		}
 		f, n := testkit.ParseFrameHeader(s.buf)
 		total := testkit.HeaderSize + int(n)
 		if len(s.buf) < total {
-			return pings
+			return seen
 		}
-		if f.Type == testkit.TypePing {
-			pings++
+		if f.Type == s.count {
+			seen++
 		}
 		s.buf = s.buf[total:]
 	}

@@ -143,51 +143,19 @@ type rtConn struct {
 	net.Conn
 	arrivals *rtArrivals
 
-	mu    sync.Mutex
-	buf   []byte // the unparsed rest of the client's stream
-	hello bool   // the client's hello has been skipped
+	mu   sync.Mutex
+	scan cpFrameScanner // counts the client's CALL frames
 }
 
 func (c *rtConn) Read(b []byte) (int, error) {
 	n, err := c.Conn.Read(b)
 	if n > 0 {
-		c.arrivals.add(c.scan(b[:n]))
+		c.mu.Lock()
+		calls := c.scan.feed(b[:n])
+		c.mu.Unlock()
+		c.arrivals.add(calls)
 	}
 	return n, err
-}
-
-// scan follows the client's stream (a hello, then frames) and returns the number of CALL
-// frames that b completes.
-func (c *rtConn) scan(b []byte) int {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.buf = append(c.buf, b...)
-	calls := 0
-	for {
-		if !c.hello {
-			if len(c.buf) < testkit.HelloPrefixSize {
-				return calls
-			}
-			n := testkit.HelloPrefixSize + testkit.HelloRestLen(c.buf)
-			if len(c.buf) < n {
-				return calls
-			}
-			c.buf, c.hello = c.buf[n:], true
-			continue
-		}
-		if len(c.buf) < testkit.HeaderSize {
-			return calls
-		}
-		f, n := testkit.ParseFrameHeader(c.buf)
-		total := testkit.HeaderSize + int(n)
-		if len(c.buf) < total {
-			return calls
-		}
-		if f.Type == testkit.TypeCall {
-			calls++
-		}
-		c.buf = c.buf[total:]
-	}
 }
 
 // rtServer is a server in the bubble on a PipeListener, real (call.Serve) or fake (a RawPeer
@@ -215,7 +183,7 @@ func (s *rtServer) accept() (net.Conn, error) {
 	if err != nil {
 		return nil, err
 	}
-	rc := &rtConn{Conn: c, arrivals: &s.arrivals}
+	rc := &rtConn{Conn: c, arrivals: &s.arrivals, scan: cpFrameScanner{count: testkit.TypeCall}}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.closed {
