@@ -223,14 +223,20 @@ func (r *replica) supervise() {
 		}
 		failures++
 		delay := backoff.Delay(failures)
-		log.Warn("weft: replica exited; restarting", "err", err, "after", delay.Round(time.Millisecond))
+		log.Warn("weft: replica exited", "err", err, "restart_in", delay.Round(time.Millisecond))
+		// An interrupt sent to the whole process group can stop a replica just before it
+		// cancels Run's context: that replica is not restarted either.
 		t := time.NewTimer(delay)
 		select {
 		case <-t.C:
 		case <-r.d.ctx.Done():
 			t.Stop()
 			return
+		case <-r.d.runCtx.Done():
+			t.Stop()
+			return
 		}
+		log.Warn("weft: restarting replica", "after_failures", failures)
 	}
 }
 
