@@ -361,6 +361,10 @@ func TestProxyClose(t *testing.T) {
 			s := tg.accept(t)
 			p.Blackhole()
 			pxWrite(t, c, "held")
+			// The target's accept can return before the proxy has recorded the pair it dialled.
+			for deadline := time.Now().Add(pxBound); p.Open() < 2 && time.Now().Before(deadline); {
+				time.Sleep(time.Millisecond)
+			}
 			if n := p.Open(); n != 2 {
 				t.Errorf("Open() = %d, want 2", n)
 			}
