@@ -92,9 +92,9 @@ type clientCall struct {
 	err      error
 	connDown bool // err is a connection failure, to be classified by what was sent
 
-	// Reader state for multi-frame replies; owned by the reader.
-	upfront  int // bytes of Conn.upfront reserved for this reply
-	total    int
+	// Reader state for multi-frame replies; owned by the reader until done is signalled.
+	// A reply collected in chunks is assembled by the caller.
+	in       inbound
 	skipping bool
 	started  bool
 
@@ -116,7 +116,9 @@ func resetCall(cc *clientCall) {
 	default:
 	}
 	cc.result, cc.err, cc.connDown = nil, nil, false
-	cc.total, cc.upfront, cc.skipping, cc.started, cc.abandoned = 0, 0, false, false, false
+	cc.in.release()
+	cc.in = inbound{}
+	cc.skipping, cc.started, cc.abandoned = false, false, false
 	if cap(cc.hdr) > 4<<10 {
 		cc.hdr = nil
 	}
@@ -696,6 +698,10 @@ func (c *Conn) complete(cc *clientCall) ([]byte, error) {
 		c.w.control(frameCancel, cc.msg.id, nil)
 	}
 	result, err := cc.result, cc.err
+	if err == nil && !cc.connDown && cc.in.chunked() {
+		// A large reply collected in chunks: the caller copies it into the buffer it owns.
+		result = cc.in.assemble(allocResult)
+	}
 	if cc.connDown {
 		err = c.downError(cc.msg.id, sentAll)
 	}
@@ -829,8 +835,7 @@ func (c *Conn) read() error {
 			}
 			if cc := c.take(h.id); cc != nil {
 				// The error may end a partly received reply: give back its reservation.
-				endMessage(&c.upfront, cc.upfront)
-				cc.upfront = 0
+				cc.in.end(&c.upfront)
 				c.finish(cc, nil, errorFromWire(body), false, true)
 			}
 		case framePing:
@@ -894,7 +899,7 @@ func (c *Conn) onReply(h frameHeader) error {
 		return readError(err)
 	}
 	cc.started = true
-	cc.total = total
+	cc.in.total = total
 	if total > c.opts.Limits.MaxMessageSize {
 		cc.skipping = true
 		if end {
@@ -905,17 +910,18 @@ func (c *Conn) onReply(h frameHeader) error {
 		_, err := c.br.Discard(n)
 		return readError(err)
 	}
-	cc.result, cc.upfront = startMessage(n, total, &c.upfront)
-	if _, err := io.ReadFull(c.br, cc.result[:n]); err != nil {
-		return readError(err)
-	}
-	cc.result = cc.result[:n]
 	if end {
-		if c.take(h.id) != nil {
-			c.finish(cc, cc.result, nil, false, true)
+		result := make([]byte, n)
+		if _, err := io.ReadFull(c.br, result); err != nil {
+			return readError(err)
 		}
+		if c.take(h.id) != nil {
+			c.finish(cc, result, nil, false, true)
+		}
+		return nil
 	}
-	return nil
+	cc.in.begin(total, &c.upfront, false)
+	return readError(cc.in.read(c.br, n))
 }
 
 // onData handles a continuation frame of a reply.
@@ -930,32 +936,34 @@ func (c *Conn) onData(h frameHeader) error {
 		return readError(err)
 	}
 	end := h.flags&flagEnd != 0
-	got := len(cc.result)
+	got, total := cc.in.n, cc.in.total
 	if cc.skipping {
 		if _, err := c.br.Discard(n); err != nil {
 			return readError(err)
 		}
 		if end {
 			if c.take(h.id) != nil {
-				c.finish(cc, nil, newError(ErrMessageTooLarge, false, fmt.Sprintf("reply of %d bytes exceeds the client's limit of %d", cc.total, c.opts.Limits.MaxMessageSize), nil), false, true)
+				c.finish(cc, nil, newError(ErrMessageTooLarge, false, fmt.Sprintf("reply of %d bytes exceeds the client's limit of %d", total, c.opts.Limits.MaxMessageSize), nil), false, true)
 			}
 		}
 		return nil
 	}
-	if got+n > cc.total || end && got+n != cc.total {
-		return fmt.Errorf("%w: reply %d declares %d bytes but carries %d", ErrProtocol, h.id, cc.total, got+n)
+	if got+n > total || end && got+n != total {
+		return fmt.Errorf("%w: reply %d declares %d bytes but carries %d", ErrProtocol, h.id, total, got+n)
 	}
-	cc.result = growMessage(cc.result, n, cc.total)
-	if _, err := io.ReadFull(c.br, cc.result[got:got+n]); err != nil {
+	if err := cc.in.read(c.br, n); err != nil {
 		return readError(err)
 	}
-	cc.result = cc.result[:got+n]
-	if end {
-		endMessage(&c.upfront, cc.upfront)
-		cc.upfront = 0
-		if c.take(h.id) != nil {
-			c.finish(cc, cc.result, nil, false, true)
+	if !end {
+		return nil
+	}
+	cc.in.end(&c.upfront)
+	if c.take(h.id) != nil {
+		var result []byte
+		if !cc.in.chunked() {
+			result = cc.in.assemble(nil)
 		}
+		c.finish(cc, result, nil, false, true)
 	}
 	return nil
 }
@@ -1016,38 +1024,10 @@ func readError(err error) error {
 	return err
 }
 
-// growMessage returns buf with room for n more bytes of a message of total bytes. Capacity
-// grows with the bytes received (at most doubling), never to the declared total at once, so
-// memory follows bytes received rather than bytes a peer declares.
-func growMessage(buf []byte, n, total int) []byte {
-	need := len(buf) + n
-	if need <= cap(buf) {
-		return buf[:need]
-	}
-	c := max(2*cap(buf), need, min(total, minGrow))
-	c = min(c, total)
-	nb := make([]byte, need, c)
-	copy(nb, buf)
-	return nb
-}
+// allocResult allocates a reply buffer that the caller owns.
+func allocResult(n int) []byte { return make([]byte, n) }
 
-// startMessage returns the buffer for a message of total bytes whose first frame carries n.
-// While the declared bytes of messages being received on the connection (*upfront) stay within
-// upfrontAllowance, and those of all connections in the process within upfrontProcessLimit,
-// the whole buffer is allocated at once; the caller gives the reservation back with
-// endMessage. Beyond that, the buffer grows with the bytes received.
-func startMessage(n, total int, upfront *int) (buf []byte, reserved int) {
-	if total > n && *upfront+total <= upfrontAllowance {
-		if upfrontInUse.Add(int64(total)) <= upfrontProcessLimit {
-			*upfront += total
-			return make([]byte, n, total), total
-		}
-		upfrontInUse.Add(-int64(total))
-	}
-	return growMessage(nil, n, total), 0
-}
-
-// endMessage returns a reservation made by startMessage.
+// endMessage returns a reservation made by inbound.begin.
 func endMessage(upfront *int, reserved int) {
 	if reserved > 0 {
 		*upfront -= reserved
@@ -1060,7 +1040,6 @@ func endMessage(upfront *int, reserved int) {
 var upfrontInUse atomic.Int64
 
 const (
-	minGrow             = 64 << 10
 	readBufferSize      = 4 << 10
 	upfrontAllowance    = 1 << 20
 	upfrontProcessLimit = 64 << 20

@@ -121,13 +121,11 @@ type serverCall struct {
 	rh       [replyHdrLen]byte // the reply header
 
 	// Request assembly, owned by the reader until the request is complete.
-	buf      []byte // request bytes received so far
-	total    int    // declared request length
-	held     int    // bytes of buf counted in the connection's held bytes
-	upfront  int    // bytes of serverConn.upfront reserved for buf
-	pooled   bool   // the handler's args came from the buffer pool
-	skipping bool   // the call failed before completion; remaining chunks are discarded
-	started  bool   // the handler has been started
+	in       inbound // the request as it arrives
+	held     int     // bytes of the request counted in the connection's held bytes
+	pooled   bool    // the handler's args came from the buffer pool
+	skipping bool    // the call failed before completion; remaining chunks are discarded
+	started  bool    // the handler has been started
 
 	mu sync.Mutex
 	// guarded by mu

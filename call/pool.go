@@ -1,22 +1,37 @@
 package call
 
-import "sync"
+import (
+	"math/bits"
+	"sync"
+)
 
-// Buffer pools in three size classes. A pooled buffer is a fixed-size array, so that giving it
-// back costs no allocation: its pointer is recovered from the slice's capacity.
+// Buffer pools in size classes. A pooled buffer up to maxClassBuffer is a fixed-size array, so
+// that giving it back costs no allocation: its pointer is recovered from the slice's capacity.
+// Larger buffers are pooled by power-of-two capacity up to maxPooledBuffer.
 const (
-	smallBuffer  = 512
-	mediumBuffer = 4 << 10
-	largeBuffer  = 64 << 10
+	smallBuffer     = 512
+	mediumBuffer    = 4 << 10
+	largeBuffer     = 64 << 10
+	chunkBuffer     = largeBuffer // the pieces a large inbound message is collected in
+	hugeBuffer      = 256 << 10
+	maxClassShift   = 20
+	maxPooledShift  = 26
+	maxClassBuffer  = 1 << maxClassShift
+	maxPooledBuffer = 1 << maxPooledShift
 )
 
 var (
 	smallPool  sync.Pool // *[smallBuffer]byte
 	mediumPool sync.Pool // *[mediumBuffer]byte
 	largePool  sync.Pool // *[largeBuffer]byte
+	hugePool   sync.Pool // *[hugeBuffer]byte
+	classPool  sync.Pool // *[maxClassBuffer]byte
+	// bigPools[i] holds *[]byte of capacity maxClassBuffer<<(i+1).
+	bigPools [maxPooledShift - maxClassShift]sync.Pool
 )
 
-// getBuffer returns a buffer of length n, pooled when n fits a size class.
+// getBuffer returns a buffer of length n, pooled when n fits a size class. Its bytes are not
+// zeroed: the caller overwrites all n of them.
 func getBuffer(n int) []byte {
 	switch {
 	case n <= smallBuffer:
@@ -34,21 +49,52 @@ func getBuffer(n int) []byte {
 			return p[:n]
 		}
 		return new([largeBuffer]byte)[:n]
+	case n <= hugeBuffer:
+		if p, ok := hugePool.Get().(*[hugeBuffer]byte); ok {
+			return p[:n]
+		}
+		return new([hugeBuffer]byte)[:n]
+	case n <= maxClassBuffer:
+		if p, ok := classPool.Get().(*[maxClassBuffer]byte); ok {
+			return p[:n]
+		}
+		return new([maxClassBuffer]byte)[:n]
+	case n <= maxPooledBuffer:
+		i := bigClass(n)
+		if p, ok := bigPools[i].Get().(*[]byte); ok {
+			return (*p)[:n]
+		}
+		return make([]byte, n, maxClassBuffer<<(i+1))
 	default:
 		return make([]byte, n)
 	}
 }
 
+// bigClass returns the index in bigPools of the class that holds n bytes, for
+// maxClassBuffer < n <= maxPooledBuffer.
+func bigClass(n int) int {
+	return bits.Len(uint(n-1)) - maxClassShift - 1
+}
+
 // putBuffer returns a buffer from getBuffer to its pool. Other buffers are left to the
 // garbage collector.
 func putBuffer(b []byte) {
-	switch cap(b) {
+	switch c := cap(b); c {
 	case smallBuffer:
 		smallPool.Put((*[smallBuffer]byte)(b[:smallBuffer]))
 	case mediumBuffer:
 		mediumPool.Put((*[mediumBuffer]byte)(b[:mediumBuffer]))
 	case largeBuffer:
 		largePool.Put((*[largeBuffer]byte)(b[:largeBuffer]))
+	case hugeBuffer:
+		hugePool.Put((*[hugeBuffer]byte)(b[:hugeBuffer]))
+	case maxClassBuffer:
+		classPool.Put((*[maxClassBuffer]byte)(b[:maxClassBuffer]))
+	default:
+		if c > maxClassBuffer && c <= maxPooledBuffer && c&(c-1) == 0 {
+			b = b[:c]
+			bigPools[bigClass(c)].Put(&b)
+		}
 	}
 }
 

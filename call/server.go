@@ -462,9 +462,7 @@ func (rs *readerState) onCall(h frameHeader) error {
 	s.mu.Unlock()
 
 	if !end {
-		sc.total = total
-		sc.buf, sc.upfront = startMessage(len(args), total, &s.upfront)
-		copy(sc.buf, args)
+		sc.in.start(args, total, &s.upfront, true)
 		return nil
 	}
 	return rs.dispatch(sc, args, true)
@@ -501,34 +499,45 @@ func (rs *readerState) onData(h frameHeader) error {
 	if sc.started {
 		return fmt.Errorf("%w: data after the end of request %d", ErrProtocol, h.id)
 	}
-	got := len(sc.buf)
-	if got+n > sc.total || end && got+n != sc.total {
-		return fmt.Errorf("%w: request %d declares %d bytes but carries %d", ErrProtocol, h.id, sc.total, got+n)
+	got, total := sc.in.n, sc.in.total
+	if got+n > total || end && got+n != total {
+		return fmt.Errorf("%w: request %d declares %d bytes but carries %d", ErrProtocol, h.id, total, got+n)
 	}
 	if err := s.reserve(n); err != nil {
 		return err
 	}
-	sc.buf = growMessage(sc.buf, n, sc.total)
-	if _, err := io.ReadFull(s.br, sc.buf[got:got+n]); err != nil {
+	if err := sc.in.read(s.br, n); err != nil {
 		return readError(err)
 	}
 	if !end {
 		return nil
 	}
-	endMessage(&s.upfront, sc.upfront)
-	sc.upfront = 0
+	sc.in.end(&s.upfront)
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
 		return errConnClosing
 	}
-	s.partialBytes -= sc.total
-	s.heldBytes += sc.total
+	s.partialBytes -= total
+	s.heldBytes += total
 	sc.started = true
 	s.active++
 	s.mu.Unlock()
-	sc.held = sc.total
-	return rs.dispatch(sc, sc.buf, false)
+	sc.held = total
+	if sc.in.chunked() {
+		// Assembling a large request copies it: that is the handler's goroutine's work,
+		// never the reader's.
+		s.wg.Add(1)
+		go func() {
+			defer s.wg.Done()
+			args := sc.in.assemble(getBuffer)
+			sc.pooled = true
+			s.run(sc, args)
+		}()
+		return nil
+	}
+	sc.pooled = sc.in.pooled
+	return rs.dispatch(sc, sc.in.assemble(nil), false)
 }
 
 // reserve waits until n more request bytes fit the buffered-bytes budget. A conforming client
@@ -621,10 +630,9 @@ func (s *serverConn) onCancel(id uint64) error {
 	case !sc.started:
 		// Still being received: drop it and answer for it.
 		delete(s.calls, id)
-		s.partialBytes -= len(sc.buf)
-		endMessage(&s.upfront, sc.upfront)
-		sc.upfront = 0
-		sc.buf = nil
+		s.partialBytes -= sc.in.n
+		sc.in.end(&s.upfront)
+		sc.in.release()
 		s.running--
 		s.budgetCond.Broadcast()
 		s.mu.Unlock()
@@ -775,7 +783,6 @@ func (s *serverConn) finish(sc *serverCall, args, result []byte, eb *errorBody) 
 	if sc.pooled {
 		putBuffer(args)
 	}
-	sc.buf = nil
 	if drained {
 		s.closeDrained()
 	}
