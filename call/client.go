@@ -736,11 +736,11 @@ func (c *Conn) abandon(ctx context.Context, cc *clientCall) ([]byte, error) {
 	default:
 	}
 	if !sentAny {
-		// The server has not seen it: forget it and free the slot.
+		// The server has not seen it: forget it and free the slot. cc is not recycled: a
+		// server that answers ids it was never sent could have the reader holding it still.
 		delete(c.calls, cc.msg.id)
 		c.callsMu.Unlock()
 		<-c.slots
-		c.putCall(cc)
 		return nil, ctxError(ctx, true)
 	}
 	// The server knows it: cancel it there. Its terminal frame frees the slot and recycles cc.
