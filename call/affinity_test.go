@@ -574,6 +574,9 @@ func TestATFailFast(t *testing.T) {
 				// The endpoint fails again for the next round.
 				ep.setMode(cttFail)
 				b.srv.kill()
+				// A connection whose last reply its caller read itself is read again (and
+				// its end seen) within two milliseconds.
+				time.Sleep(10 * time.Millisecond)
 				synctest.Wait()
 			}
 		})

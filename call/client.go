@@ -45,6 +45,21 @@ type Conn struct {
 	idle    atomic.Bool   // draining: close once active drops to zero
 	load    atomic.Uint32 // float32 bits of the load the server last reported
 
+	// The read role: whoever holds it reads frames. The background reader holds it unless it
+	// released it (nothing buffered, no call outstanding); a caller whose request is written
+	// may take a released role and read its own reply, saving the hand-over from the reader.
+	roleMu sync.Mutex
+	bgWake chan struct{} // buffered 1: gives the role back to the background reader
+	grace  *time.Timer   // gives a role left free back to the background reader
+	// guarded by roleMu
+	roleFree    bool        // no one holds the role
+	holder      *clientCall // the call whose caller holds the role, if one does
+	roleTakes   uint64      // times callers took the role
+	graceArmed  bool        // the grace timer runs
+	graceSeen   uint64      // roleTakes at its last tick
+	interrupted bool        // the holder's read deadline was set to interrupt it
+	rscratch    []byte      // owned by the role's holder
+
 	callsMu sync.Mutex
 	// guarded by callsMu
 	calls     map[uint64]*clientCall
@@ -194,6 +209,9 @@ func newConn(ctx context.Context, nc net.Conn, addr string, opts ClientOptions) 
 		c.ka = time.AfterFunc(iv, c.keepalive)
 		c.mu.Unlock()
 	}
+	c.bgWake = make(chan struct{}, 1)
+	c.grace = time.AfterFunc(time.Hour, c.graceOver)
+	c.grace.Stop()
 	c.readerG.Add(1)
 	go c.readLoop()
 	return c, nil
@@ -529,6 +547,13 @@ func (c *Conn) fail(reason error) {
 	}
 	c.w.close(errWriterClosed)
 	c.conn.Close()
+	// A free read role goes back to the background reader, which sees the end.
+	c.roleMu.Lock()
+	if c.roleFree {
+		c.roleFree = false
+		c.bgWake <- struct{}{}
+	}
+	c.roleMu.Unlock()
 }
 
 // failAll completes every registered call with the connection's failure.
@@ -634,6 +659,12 @@ func (c *Conn) Call(ctx context.Context, key MethodKey, args []byte, opts CallOp
 		return nil, unsentError(ErrUnreachable, "connection to "+c.addr, err)
 	}
 
+	if c.w.finished(&cc.msg) && c.takeRole(cc) {
+		// The request is written and no one reads: read the reply here.
+		if c.readOwn(ctx, cc) {
+			return c.complete(cc)
+		}
+	}
 	for {
 		select {
 		case <-cc.done:
@@ -792,7 +823,14 @@ func (c *Conn) lookup(id uint64) *clientCall {
 // readLoop reads frames until the connection fails.
 func (c *Conn) readLoop() {
 	defer c.readerG.Done()
-	err := c.read()
+	var err error
+	for {
+		if err = c.read(); err != errReleased {
+			break
+		}
+		<-c.bgWake
+	}
+	c.grace.Stop()
 	// Replies cut off by the failure give back their up-front reservations.
 	upfrontInUse.Add(-int64(c.upfront))
 	c.upfront = 0
@@ -801,10 +839,129 @@ func (c *Conn) readLoop() {
 	c.failAll()
 }
 
+// errReleased is returned by read when the background reader released the read role.
+var errReleased = errors.New("read role released")
+
+// graceLimit is how long a read role left free waits for callers before the background
+// reader takes it back (to see pings, go-aways and the connection's end while no call waits):
+// between one and two graceLimits.
+const graceLimit = time.Millisecond
+
+// releaseRole gives up the read role: to the background reader if calls are outstanding (their
+// callers wait for it to read their replies), else it stays free for the next caller.
+//
+// REQUIRES: the caller holds the read role.
+func (c *Conn) releaseRole() {
+	c.callsMu.Lock()
+	outstanding := len(c.calls)
+	c.callsMu.Unlock()
+	c.roleMu.Lock()
+	if c.interrupted {
+		c.interrupted = false
+		c.conn.SetReadDeadline(time.Time{})
+	}
+	c.holder = nil
+	if outstanding > 0 || isClosed(c.closed) {
+		c.bgWake <- struct{}{}
+	} else {
+		c.freeRoleLocked()
+	}
+	c.roleMu.Unlock()
+}
+
+// freeRoleLocked leaves the read role free, for graceLimit or so.
+//
+// REQUIRES: c.roleMu is held.
+func (c *Conn) freeRoleLocked() {
+	c.roleFree = true
+	if !c.graceArmed {
+		// The timer is not set at every release (each setting can wake the runtime's network
+		// poller, a thread switch per call): it ticks while the role changes hands, and ends
+		// the grace after a whole tick with the role free.
+		c.graceArmed = true
+		c.graceSeen = c.roleTakes
+		c.grace.Reset(graceLimit)
+	}
+}
+
+// giveRoleToReader hands the read role to the background reader.
+//
+// REQUIRES: the caller holds the read role.
+func (c *Conn) giveRoleToReader() {
+	c.roleMu.Lock()
+	if c.interrupted {
+		c.interrupted = false
+		c.conn.SetReadDeadline(time.Time{})
+	}
+	c.holder = nil
+	c.bgWake <- struct{}{}
+	c.roleMu.Unlock()
+}
+
+// takeRole takes a free read role for cc's caller.
+func (c *Conn) takeRole(cc *clientCall) bool {
+	c.roleMu.Lock()
+	defer c.roleMu.Unlock()
+	if !c.roleFree {
+		return false
+	}
+	c.roleFree = false
+	c.roleTakes++
+	c.holder = cc
+	return true
+}
+
+// graceOver runs on the grace timer: a role free since the last tick goes back to the
+// background reader.
+func (c *Conn) graceOver() {
+	c.roleMu.Lock()
+	defer c.roleMu.Unlock()
+	switch {
+	case c.roleFree && c.roleTakes == c.graceSeen:
+		c.roleFree = false
+		c.graceArmed = false
+		c.bgWake <- struct{}{}
+	case !c.roleFree && c.holder == nil:
+		// The background reader has it.
+		c.graceArmed = false
+	default:
+		c.graceSeen = c.roleTakes
+		c.grace.Reset(graceLimit)
+	}
+}
+
+// interruptOwnRead interrupts the wait for data of cc's caller, if it holds the read role.
+func (c *Conn) interruptOwnRead(cc *clientCall) {
+	c.roleMu.Lock()
+	if c.holder == cc {
+		c.conn.SetReadDeadline(time.Unix(1, 0))
+		c.interrupted = true
+	}
+	c.roleMu.Unlock()
+}
+
+// read reads frames while it holds the read role: until the connection fails, or it releases
+// the role (errReleased).
 func (c *Conn) read() error {
 	maxFrame := c.opts.Limits.MaxFrameSize
-	var scratch []byte
+	// The role is released only after a frame was handled: given the role with nothing to do,
+	// the reader waits for the connection's next frame or end.
+	handled := false
 	for {
+		if handled && c.br.Buffered() == 0 {
+			c.callsMu.Lock()
+			outstanding := len(c.calls)
+			c.callsMu.Unlock()
+			if outstanding == 0 {
+				c.roleMu.Lock()
+				if !isClosed(c.closed) {
+					c.freeRoleLocked()
+					c.roleMu.Unlock()
+					return errReleased
+				}
+				c.roleMu.Unlock()
+			}
+		}
 		hb, err := c.br.Peek(headerSize)
 		if err != nil {
 			return readError(err)
@@ -815,51 +972,102 @@ func (c *Conn) read() error {
 		}
 		c.br.Discard(headerSize)
 		c.recv.Store(true)
-		n := int(h.length)
-		switch h.typ {
-		case frameReply:
-			if err := c.onReply(h); err != nil {
-				return err
-			}
-		case frameData:
-			if err := c.onData(h); err != nil {
-				return err
-			}
-		case frameError:
-			if scratch, err = c.readPayload(scratch, n); err != nil {
-				return err
-			}
-			body, err := parseErrorBody(scratch[:n])
-			if err != nil {
-				return err
-			}
-			if cc := c.take(h.id); cc != nil {
-				// The error may end a partly received reply: give back its reservation.
-				cc.in.end(&c.upfront)
-				c.finish(cc, nil, errorFromWire(body), false, true)
-			}
-		case framePing:
-			if !c.w.controlWait(framePong, h.id, nil) {
-				return fmt.Errorf("%w: server %s floods pings", ErrProtocol, c.addr)
-			}
-		case framePong:
-			c.mu.Lock()
-			if ch, ok := c.pings[h.id]; ok {
-				delete(c.pings, h.id)
-				close(ch)
-			}
-			c.mu.Unlock()
-		case frameGoAway:
-			if scratch, err = c.readPayload(scratch, n); err != nil {
-				return err
-			}
-			if err := c.onGoAway(h.id, scratch[:n]); err != nil {
-				return err
-			}
+		if err := c.frame(h); err != nil {
+			return err
+		}
+		handled = true
+	}
+}
+
+// readOwn reads frames on the caller's goroutine, holding the read role, until cc's outcome
+// arrives. It reads only frames that are whole in the buffer and belong to a call's reply, so
+// that it never stops in the middle of a frame; at any other frame, a read error, or ctx done
+// (which interrupts its wait for data), it hands the role to the background reader and reports
+// false. It has given up the role when it returns.
+func (c *Conn) readOwn(ctx context.Context, cc *clientCall) bool {
+	if ctx.Done() != nil {
+		stop := context.AfterFunc(ctx, func() { c.interruptOwnRead(cc) })
+		defer stop()
+	}
+	maxFrame := c.opts.Limits.MaxFrameSize
+	for {
+		select {
+		case <-cc.done:
+			c.releaseRole()
+			return true
 		default:
-			return fmt.Errorf("%w: unexpected frame type %#x from server", ErrProtocol, h.typ)
+		}
+		hb, err := c.br.Peek(headerSize)
+		var h frameHeader
+		if err == nil {
+			h, err = parseHeader(hb, maxFrame)
+		}
+		if err != nil || h.typ != frameReply && h.typ != frameError && h.typ != frameData || c.br.Buffered() < headerSize+int(h.length) {
+			// The background reader reads it, and meets the error again unless it was the
+			// interruption, which giveRoleToReader undoes.
+			c.giveRoleToReader()
+			return false
+		}
+		c.br.Discard(headerSize)
+		c.recv.Store(true)
+		if err := c.frame(h); err != nil {
+			c.fail(err)
+			c.giveRoleToReader()
+			return false
 		}
 	}
+}
+
+// frame handles a frame whose header was read.
+//
+// REQUIRES: the caller holds the read role.
+func (c *Conn) frame(h frameHeader) error {
+	n := int(h.length)
+	var err error
+	switch h.typ {
+	case frameReply:
+		if err := c.onReply(h); err != nil {
+			return err
+		}
+	case frameData:
+		if err := c.onData(h); err != nil {
+			return err
+		}
+	case frameError:
+		if c.rscratch, err = c.readPayload(c.rscratch, n); err != nil {
+			return err
+		}
+		body, err := parseErrorBody(c.rscratch[:n])
+		if err != nil {
+			return err
+		}
+		if cc := c.take(h.id); cc != nil {
+			// The error may end a partly received reply: give back its reservation.
+			cc.in.end(&c.upfront)
+			c.finish(cc, nil, errorFromWire(body), false, true)
+		}
+	case framePing:
+		if !c.w.controlWait(framePong, h.id, nil) {
+			return fmt.Errorf("%w: server %s floods pings", ErrProtocol, c.addr)
+		}
+	case framePong:
+		c.mu.Lock()
+		if ch, ok := c.pings[h.id]; ok {
+			delete(c.pings, h.id)
+			close(ch)
+		}
+		c.mu.Unlock()
+	case frameGoAway:
+		if c.rscratch, err = c.readPayload(c.rscratch, n); err != nil {
+			return err
+		}
+		if err := c.onGoAway(h.id, c.rscratch[:n]); err != nil {
+			return err
+		}
+	default:
+		return fmt.Errorf("%w: unexpected frame type %#x from server", ErrProtocol, h.typ)
+	}
+	return nil
 }
 
 func (c *Conn) readPayload(scratch []byte, n int) ([]byte, error) {

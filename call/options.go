@@ -110,8 +110,8 @@ type ServerOptions struct {
 	Limits Limits
 
 	// InlineHandlerDuration is how long a handler may run on the connection's reader before a
-	// new reader takes over. Quick handlers then cost no goroutine switch. If zero, 50µs. If
-	// negative, every handler runs on its own goroutine.
+	// new reader takes over (between one and two times this). Quick handlers then cost no
+	// goroutine switch. If zero, 50µs. If negative, every handler runs on its own goroutine.
 	InlineHandlerDuration time.Duration
 
 	// WriteFlattenLimit is the size below which queued frames are copied into one buffer

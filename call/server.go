@@ -284,11 +284,19 @@ type readerState struct {
 	s       *serverConn
 	scratch []byte
 	timer   *time.Timer
-	state   atomic.Int32 // readerReading, readerInline, readerHandedOff
+	state   atomic.Int32  // readerReading, readerInline, readerHandedOff
+	seq     atomic.Uint64 // inline handlers started
 	// callbacks counts an armed timer and a running callback; a handed-off callback starts
 	// the next reader before it is done, so the reader that waits for it is still counted in
 	// serverConn.wg when the new reader is added.
 	callbacks sync.WaitGroup
+
+	// The timer is not set for every handler (each setting can wake the runtime's network
+	// poller, a thread switch per call): once armed it ticks every InlineHandlerDuration while
+	// handlers run inline, and hands off a handler seen running at two ticks in a row.
+	mu    sync.Mutex
+	armed bool   // guarded by mu
+	seen  uint64 // guarded by mu: seq at the last tick
 }
 
 const (
@@ -300,25 +308,60 @@ const (
 func (s *serverConn) newReader() *readerState {
 	rs := &readerState{s: s}
 	if s.inline > 0 {
-		rs.timer = time.AfterFunc(time.Hour, rs.handOff)
+		rs.timer = time.AfterFunc(time.Hour, rs.tick)
 		rs.timer.Stop()
 	}
 	return rs
 }
 
-// handOff runs on the inline timer: the handler has run too long, so a new reader takes over.
-func (rs *readerState) handOff() {
+// tick runs on the inline timer. With no handler inline it disarms; with a handler started
+// since the last tick it ticks again; a handler inline at both ticks has run too long, so a
+// new reader takes over.
+func (rs *readerState) tick() {
 	defer rs.callbacks.Done()
 	s := rs.s
-	s.wg.Add(1)
-	if !rs.state.CompareAndSwap(readerInline, readerHandedOff) {
+	rs.mu.Lock()
+	defer rs.mu.Unlock()
+	if rs.state.Load() == readerInline {
+		if cur := rs.seq.Load(); cur != rs.seen {
+			rs.seen = cur
+			rs.callbacks.Add(1)
+			rs.timer.Reset(s.inline)
+			return
+		}
+		s.wg.Add(1)
+		if rs.state.CompareAndSwap(readerInline, readerHandedOff) {
+			go func() {
+				defer s.wg.Done()
+				s.newReader().loop()
+			}()
+			return
+		}
 		s.wg.Done()
-		return
 	}
-	go func() {
-		defer s.wg.Done()
-		s.newReader().loop()
-	}()
+	rs.armed = false
+}
+
+// arm starts the inline timer's ticks unless they run.
+func (rs *readerState) arm() {
+	rs.mu.Lock()
+	if !rs.armed {
+		rs.armed = true
+		rs.seen = rs.seq.Load()
+		rs.callbacks.Add(1) // done by the callback, or by the reader's end if it stops it first
+		rs.timer.Reset(rs.s.inline)
+	}
+	rs.mu.Unlock()
+}
+
+// disarm stops the inline timer's ticks, for a reader that ends.
+func (rs *readerState) disarm() {
+	rs.mu.Lock()
+	if rs.armed && rs.timer.Stop() {
+		rs.armed = false
+		rs.callbacks.Done()
+	}
+	rs.mu.Unlock()
 }
 
 // loop reads frames until the connection fails or the reader is handed off.
@@ -326,8 +369,8 @@ func (rs *readerState) loop() {
 	s := rs.s
 	defer func() {
 		if rs.timer != nil {
-			// The timer is never armed here (arming spans a dispatch), but a callback of the
-			// last arming may still run: it must finish before the reader is gone.
+			// A tick may be armed or running: it must finish before the reader is gone.
+			rs.disarm()
 			rs.callbacks.Wait()
 		}
 		putScratch(rs.scratch)
@@ -680,17 +723,13 @@ var errDrained = errors.New("drained")
 func (rs *readerState) dispatch(sc *serverCall, args []byte, inScratch bool) error {
 	s := rs.s
 	if rs.timer != nil {
-		// A callback of the previous arming may still be finishing: it must not see this
-		// handler as its own.
-		rs.callbacks.Wait()
+		// A tick sees the handler as new (seq) before it can hand it off: a handler is handed
+		// off after running between one and two InlineHandlerDurations.
+		rs.seq.Add(1)
 		rs.state.Store(readerInline)
-		rs.callbacks.Add(1) // done by the callback, or here if the timer is stopped first
-		rs.timer.Reset(s.inline)
+		rs.arm()
 		s.run(sc, args)
 		if rs.state.CompareAndSwap(readerInline, readerReading) {
-			if rs.timer.Stop() {
-				rs.callbacks.Done()
-			}
 			return nil
 		}
 		return errHandedOff

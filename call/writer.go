@@ -202,6 +202,13 @@ func (w *writer) send(m *outMsg) error {
 	return nil
 }
 
+// finished reports whether m is finished.
+func (w *writer) finished(m *outMsg) bool {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return m.state == msgFinished
+}
+
 // woken handles a wake-up of m's owner: if the writer role was handed to it, it writes until m
 // is finished. It reports whether m is finished.
 func (w *writer) woken(m *outMsg) bool {
