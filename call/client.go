@@ -944,8 +944,9 @@ func (c *Conn) interruptOwnRead(cc *clientCall) {
 // the role (errReleased).
 func (c *Conn) read() error {
 	maxFrame := c.opts.Limits.MaxFrameSize
-	// The role is released only after a frame was handled: given the role with nothing to do,
-	// the reader waits for the connection's next frame or end.
+	// The role is released only after a call's frame was handled: given the role with nothing
+	// to do, or after a ping, pong or go-away, the reader waits for the connection's next frame
+	// or end.
 	handled := false
 	for {
 		if handled && c.br.Buffered() == 0 {
@@ -975,7 +976,8 @@ func (c *Conn) read() error {
 		if err := c.frame(h); err != nil {
 			return err
 		}
-		handled = true
+		// Only a call's frame (its caller may soon make the next call) lets the role go.
+		handled = h.typ == frameReply || h.typ == frameData || h.typ == frameError
 	}
 }
 
