@@ -52,13 +52,14 @@ type Conn struct {
 	bgWake chan struct{} // buffered 1: gives the role back to the background reader
 	grace  *time.Timer   // gives a role left free back to the background reader
 	// guarded by roleMu
-	roleFree    bool        // no one holds the role
-	holder      *clientCall // the call whose caller holds the role, if one does
-	roleTakes   uint64      // times callers took the role
-	graceArmed  bool        // the grace timer runs
-	graceSeen   uint64      // roleTakes at its last tick
-	interrupted bool        // the holder's read deadline was set to interrupt it
-	rscratch    []byte      // owned by the role's holder
+	roleFree   bool        // no one holds the role
+	holder     *clientCall // the call whose caller holds the role, if one does
+	roleTakes  uint64      // times callers took the role
+	graceArmed bool        // the grace timer runs
+	graceSeen  uint64      // roleTakes at its last tick
+	// Owned by the role's holder.
+	rscratch    []byte
+	lastOwnRead bool // the last call completed could have had its caller read its reply
 
 	callsMu sync.Mutex
 	// guarded by callsMu
@@ -112,6 +113,7 @@ type clientCall struct {
 	in       inbound
 	skipping bool
 	started  bool
+	ownRead  bool // its caller may read its own reply (its context cannot end)
 
 	// guarded by Conn.callsMu
 	abandoned bool // the caller returned; the reader frees the slot and recycles the call
@@ -133,7 +135,7 @@ func resetCall(cc *clientCall) {
 	cc.result, cc.err, cc.connDown = nil, nil, false
 	cc.in.release()
 	cc.in = inbound{}
-	cc.skipping, cc.started, cc.abandoned = false, false, false
+	cc.skipping, cc.started, cc.abandoned, cc.ownRead = false, false, false, false
 	if cap(cc.hdr) > 4<<10 {
 		cc.hdr = nil
 	}
@@ -640,6 +642,7 @@ func (c *Conn) Call(ctx context.Context, key MethodKey, args []byte, opts CallOp
 	cc.msg.head = cc.hdr
 	cc.msg.payload = args
 	cc.msg.cancel = ctx.Done()
+	cc.ownRead = cc.msg.cancel == nil
 	if hasDeadline {
 		cc.msg.deadline = d
 	}
@@ -660,8 +663,12 @@ func (c *Conn) Call(ctx context.Context, key MethodKey, args []byte, opts CallOp
 	}
 
 	if c.w.finished(&cc.msg) && c.takeRole(cc) {
-		// The request is written and no one reads: read the reply here.
-		if c.readOwn(ctx, cc) {
+		// The request is written and no one reads: read the reply here, if the context
+		// cannot end (watching one would cost context.AfterFunc's three allocations);
+		// otherwise the reader reads it.
+		if ctx.Done() != nil {
+			c.giveRoleToReader()
+		} else if c.readOwn(cc) {
 			return c.complete(cc)
 		}
 	}
@@ -791,6 +798,7 @@ func (c *Conn) finish(cc *clientCall, result []byte, err error, connDown, freeSl
 		<-c.slots
 	}
 	c.w.answered(&cc.msg)
+	c.lastOwnRead = cc.ownRead
 	c.callsMu.Lock()
 	if cc.abandoned {
 		c.callsMu.Unlock()
@@ -856,10 +864,6 @@ func (c *Conn) releaseRole() {
 	outstanding := len(c.calls)
 	c.callsMu.Unlock()
 	c.roleMu.Lock()
-	if c.interrupted {
-		c.interrupted = false
-		c.conn.SetReadDeadline(time.Time{})
-	}
 	c.holder = nil
 	if outstanding > 0 || isClosed(c.closed) {
 		c.bgWake <- struct{}{}
@@ -889,10 +893,6 @@ func (c *Conn) freeRoleLocked() {
 // REQUIRES: the caller holds the read role.
 func (c *Conn) giveRoleToReader() {
 	c.roleMu.Lock()
-	if c.interrupted {
-		c.interrupted = false
-		c.conn.SetReadDeadline(time.Time{})
-	}
 	c.holder = nil
 	c.bgWake <- struct{}{}
 	c.roleMu.Unlock()
@@ -928,16 +928,6 @@ func (c *Conn) graceOver() {
 		c.graceSeen = c.roleTakes
 		c.grace.Reset(graceLimit)
 	}
-}
-
-// interruptOwnRead interrupts the wait for data of cc's caller, if it holds the read role.
-func (c *Conn) interruptOwnRead(cc *clientCall) {
-	c.roleMu.Lock()
-	if c.holder == cc {
-		c.conn.SetReadDeadline(time.Unix(1, 0))
-		c.interrupted = true
-	}
-	c.roleMu.Unlock()
 }
 
 // read reads frames while it holds the read role: until the connection fails, or it releases
@@ -976,21 +966,18 @@ func (c *Conn) read() error {
 		if err := c.frame(h); err != nil {
 			return err
 		}
-		// Only a call's frame (its caller may soon make the next call) lets the role go.
-		handled = h.typ == frameReply || h.typ == frameData || h.typ == frameError
+		// Only a call's frame lets the role go, when that call's caller could have read it
+		// (and may soon make the next such call).
+		handled = (h.typ == frameReply || h.typ == frameData || h.typ == frameError) && c.lastOwnRead
 	}
 }
 
 // readOwn reads frames on the caller's goroutine, holding the read role, until cc's outcome
-// arrives. It reads only frames that are whole in the buffer and belong to a call's reply, so
-// that it never stops in the middle of a frame; at any other frame, a read error, or ctx done
-// (which interrupts its wait for data), it hands the role to the background reader and reports
-// false. It has given up the role when it returns.
-func (c *Conn) readOwn(ctx context.Context, cc *clientCall) bool {
-	if ctx.Done() != nil {
-		stop := context.AfterFunc(ctx, func() { c.interruptOwnRead(cc) })
-		defer stop()
-	}
+// arrives. Its caller's context cannot end, so its wait for data needs no interruption; it
+// reads only frames that are whole in the buffer and belong to a call's reply, so that it never
+// stops in the middle of a frame. At any other frame, or a read error, it hands the role to the
+// background reader and reports false. It has given up the role when it returns.
+func (c *Conn) readOwn(cc *clientCall) bool {
 	maxFrame := c.opts.Limits.MaxFrameSize
 	for {
 		select {
@@ -1005,8 +992,7 @@ func (c *Conn) readOwn(ctx context.Context, cc *clientCall) bool {
 			h, err = parseHeader(hb, maxFrame)
 		}
 		if err != nil || h.typ != frameReply && h.typ != frameError && h.typ != frameData || c.br.Buffered() < headerSize+int(h.length) {
-			// The background reader reads it, and meets the error again unless it was the
-			// interruption, which giveRoleToReader undoes.
+			// The background reader reads it (and meets the error again).
 			c.giveRoleToReader()
 			return false
 		}
