@@ -52,11 +52,11 @@ type Conn struct {
 	bgWake chan struct{} // buffered 1: gives the role back to the background reader
 	grace  *time.Timer   // gives a role left free back to the background reader
 	// guarded by roleMu
-	roleFree   bool        // no one holds the role
-	holder     *clientCall // the call whose caller holds the role, if one does
-	roleTakes  uint64      // times callers took the role
-	graceArmed bool        // the grace timer runs
-	graceSeen  uint64      // roleTakes at its last tick
+	roleFree    bool   // no one holds the role
+	callerHolds bool   // a caller holds the role
+	roleTakes   uint64 // times callers took the role
+	graceArmed  bool   // the grace timer runs
+	graceSeen   uint64 // roleTakes at its last tick
 	// Owned by the role's holder.
 	rscratch    []byte
 	lastOwnRead bool // the last call completed could have had its caller read its reply
@@ -646,7 +646,8 @@ func (c *Conn) Call(ctx context.Context, key MethodKey, args []byte, opts CallOp
 	if hasDeadline {
 		cc.msg.deadline = d
 	}
-	if err := c.w.send(&cc.msg); err != nil {
+	written, err := c.w.send(&cc.msg)
+	if err != nil {
 		// Not queued: the connection is closed or out of request ids.
 		<-c.slots
 		c.putCall(cc)
@@ -662,11 +663,11 @@ func (c *Conn) Call(ctx context.Context, key MethodKey, args []byte, opts CallOp
 		return nil, unsentError(ErrUnreachable, "connection to "+c.addr, err)
 	}
 
-	if c.w.finished(&cc.msg) && c.takeRole(cc) {
-		// The request is written and no one reads: read the reply here, if the context
-		// cannot end (watching one would cost context.AfterFunc's three allocations);
-		// otherwise the reader reads it.
-		if ctx.Done() != nil {
+	if c.takeRole() {
+		// No one reads. A caller whose request is written and whose context cannot end reads
+		// its reply here (watching a context that can end would cost context.AfterFunc's
+		// three allocations); otherwise the reader goroutine reads it.
+		if !cc.ownRead || !written {
 			c.giveRoleToReader()
 		} else if c.readOwn(cc) {
 			return c.complete(cc)
@@ -847,6 +848,18 @@ func (c *Conn) readLoop() {
 	c.failAll()
 }
 
+// outstanding returns the number of calls waiting for their outcome.
+func (c *Conn) outstanding() int {
+	c.callsMu.Lock()
+	defer c.callsMu.Unlock()
+	return len(c.calls)
+}
+
+// isCallFrame reports whether frames of type typ belong to a call's reply.
+func isCallFrame(typ byte) bool {
+	return typ == frameReply || typ == frameData || typ == frameError
+}
+
 // errReleased is returned by read when the background reader released the read role.
 var errReleased = errors.New("read role released")
 
@@ -860,11 +873,9 @@ const graceLimit = time.Millisecond
 //
 // REQUIRES: the caller holds the read role.
 func (c *Conn) releaseRole() {
-	c.callsMu.Lock()
-	outstanding := len(c.calls)
-	c.callsMu.Unlock()
+	outstanding := c.outstanding()
 	c.roleMu.Lock()
-	c.holder = nil
+	c.callerHolds = false
 	if outstanding > 0 || isClosed(c.closed) {
 		c.bgWake <- struct{}{}
 	} else {
@@ -893,13 +904,13 @@ func (c *Conn) freeRoleLocked() {
 // REQUIRES: the caller holds the read role.
 func (c *Conn) giveRoleToReader() {
 	c.roleMu.Lock()
-	c.holder = nil
+	c.callerHolds = false
 	c.bgWake <- struct{}{}
 	c.roleMu.Unlock()
 }
 
-// takeRole takes a free read role for cc's caller.
-func (c *Conn) takeRole(cc *clientCall) bool {
+// takeRole takes a free read role for the calling caller.
+func (c *Conn) takeRole() bool {
 	c.roleMu.Lock()
 	defer c.roleMu.Unlock()
 	if !c.roleFree {
@@ -907,7 +918,7 @@ func (c *Conn) takeRole(cc *clientCall) bool {
 	}
 	c.roleFree = false
 	c.roleTakes++
-	c.holder = cc
+	c.callerHolds = true
 	return true
 }
 
@@ -921,7 +932,7 @@ func (c *Conn) graceOver() {
 		c.roleFree = false
 		c.graceArmed = false
 		c.bgWake <- struct{}{}
-	case !c.roleFree && c.holder == nil:
+	case !c.roleFree && !c.callerHolds:
 		// The background reader has it.
 		c.graceArmed = false
 	default:
@@ -939,19 +950,14 @@ func (c *Conn) read() error {
 	// or end.
 	handled := false
 	for {
-		if handled && c.br.Buffered() == 0 {
-			c.callsMu.Lock()
-			outstanding := len(c.calls)
-			c.callsMu.Unlock()
-			if outstanding == 0 {
-				c.roleMu.Lock()
-				if !isClosed(c.closed) {
-					c.freeRoleLocked()
-					c.roleMu.Unlock()
-					return errReleased
-				}
+		if handled && c.br.Buffered() == 0 && c.outstanding() == 0 {
+			c.roleMu.Lock()
+			if !isClosed(c.closed) {
+				c.freeRoleLocked()
 				c.roleMu.Unlock()
+				return errReleased
 			}
+			c.roleMu.Unlock()
 		}
 		hb, err := c.br.Peek(headerSize)
 		if err != nil {
@@ -968,7 +974,7 @@ func (c *Conn) read() error {
 		}
 		// Only a call's frame lets the role go, when that call's caller could have read it
 		// (and may soon make the next such call).
-		handled = (h.typ == frameReply || h.typ == frameData || h.typ == frameError) && c.lastOwnRead
+		handled = isCallFrame(h.typ) && c.lastOwnRead
 	}
 }
 
@@ -991,7 +997,7 @@ func (c *Conn) readOwn(cc *clientCall) bool {
 		if err == nil {
 			h, err = parseHeader(hb, maxFrame)
 		}
-		if err != nil || h.typ != frameReply && h.typ != frameError && h.typ != frameData || c.br.Buffered() < headerSize+int(h.length) {
+		if err != nil || !isCallFrame(h.typ) || c.br.Buffered() < headerSize+int(h.length) {
 			// The background reader reads it (and meets the error again).
 			c.giveRoleToReader()
 			return false

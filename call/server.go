@@ -294,8 +294,11 @@ type readerState struct {
 	// The timer is not set for every handler (each setting can wake the runtime's network
 	// poller, a thread switch per call): once armed it ticks every InlineHandlerDuration while
 	// handlers run inline, and hands off a handler seen running at two ticks in a row.
+	// A dispatch stores state before it loads armed, and a tick that disarms stores armed
+	// before it loads state again, so one of them sees the other: no inline handler is left
+	// unwatched, and a dispatch finding the timer armed takes no lock.
+	armed atomic.Bool // changed under mu
 	mu    sync.Mutex
-	armed bool   // guarded by mu
 	seen  uint64 // guarded by mu: seq at the last tick
 }
 
@@ -339,26 +342,39 @@ func (rs *readerState) tick() {
 		}
 		s.wg.Done()
 	}
-	rs.armed = false
+	rs.armed.Store(false)
+	if rs.state.Load() == readerInline {
+		rs.armLocked() // a dispatch that found the timer armed just now
+	}
 }
 
 // arm starts the inline timer's ticks unless they run.
 func (rs *readerState) arm() {
+	if rs.armed.Load() {
+		return
+	}
 	rs.mu.Lock()
-	if !rs.armed {
-		rs.armed = true
-		rs.seen = rs.seq.Load()
-		rs.callbacks.Add(1) // done by the callback, or by the reader's end if it stops it first
-		rs.timer.Reset(rs.s.inline)
+	if !rs.armed.Load() {
+		rs.armLocked()
 	}
 	rs.mu.Unlock()
+}
+
+// armLocked starts the inline timer's ticks.
+//
+// REQUIRES: rs.mu is held and the ticks do not run.
+func (rs *readerState) armLocked() {
+	rs.armed.Store(true)
+	rs.seen = rs.seq.Load()
+	rs.callbacks.Add(1) // done by the callback, or by the reader's end if it stops it first
+	rs.timer.Reset(rs.s.inline)
 }
 
 // disarm stops the inline timer's ticks, for a reader that ends.
 func (rs *readerState) disarm() {
 	rs.mu.Lock()
-	if rs.armed && rs.timer.Stop() {
-		rs.armed = false
+	if rs.armed.Load() && rs.timer.Stop() {
+		rs.armed.Store(false)
 		rs.callbacks.Done()
 	}
 	rs.mu.Unlock()
@@ -801,7 +817,7 @@ func (s *serverConn) finish(sc *serverCall, args, result []byte, eb *errorBody) 
 		m.head = appendReplyHeader(sc.rh[:0], len(result), load)
 		m.payload = result
 	}
-	if s.w.send(m) == nil {
+	if _, err := s.w.send(m); err == nil {
 		s.w.wait(m)
 	}
 	m.reset()

@@ -172,41 +172,34 @@ func (w *writer) stopWritingLocked() {
 	w.idle.Broadcast()
 }
 
-// send queues m, owned by the calling goroutine, and writes until m is finished or, if another
-// goroutine is writing, returns at once; the owner then waits on m.sig and calls woken. It
-// returns an error, and does not queue m, if the writer is closed or onCall refuses m.
-func (w *writer) send(m *outMsg) error {
+// send queues m, owned by the calling goroutine, and writes until m is finished (done) or, if
+// another goroutine is writing, returns at once; the owner then waits on m.sig and calls woken.
+// It returns an error, and does not queue m, if the writer is closed or onCall refuses m.
+func (w *writer) send(m *outMsg) (done bool, err error) {
 	m.owned = true
 	w.mu.Lock()
 	if w.err != nil {
 		m.state = msgFinished
 		w.mu.Unlock()
-		return w.err
+		return false, w.err
 	}
 	if m.typ == frameCall && w.onCall != nil {
 		if err := w.onCall(m); err != nil {
 			m.state = msgFinished
 			w.mu.Unlock()
-			return err
+			return false, err
 		}
 	}
 	m.state = msgQueued
 	w.queue = append(w.queue, m)
 	if w.writing {
 		w.mu.Unlock()
-		return nil
+		return false, nil
 	}
 	w.writing = true
 	w.mu.Unlock()
-	w.run(m)
-	return nil
-}
-
-// finished reports whether m is finished.
-func (w *writer) finished(m *outMsg) bool {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	return m.state == msgFinished
+	w.run(m) // returns once m is finished
+	return true, nil
 }
 
 // woken handles a wake-up of m's owner: if the writer role was handed to it, it writes until m
