@@ -148,22 +148,34 @@ func BenchmarkEcho(b *testing.B) {
 	}
 }
 
-// BenchmarkEchoDeadline is BenchmarkEcho/16B with a deadline on every call, as real callers
-// have: the deadline travels with the call and bounds the caller's writes.
+// BenchmarkEchoDeadline is BenchmarkEcho/16B with a deadline, as real callers have: the
+// deadline travels with the call and bounds the caller's writes. Each call has its own context
+// (per-call), or all share one (shared).
 func BenchmarkEchoDeadline(b *testing.B) {
 	for _, network := range []string{"tcp", "unix"} {
-		b.Run(network, func(b *testing.B) {
-			c := benchServer(b, network)
-			args := make([]byte, 16)
-			b.ReportAllocs()
-			for b.Loop() {
-				ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-				if _, err := c.Call(ctx, echoKey, args, call.CallOptions{}); err != nil {
-					b.Fatal(err)
-				}
-				cancel()
+		for _, shared := range []bool{false, true} {
+			name := network + "/per-call"
+			if shared {
+				name = network + "/shared"
 			}
-		})
+			b.Run(name, func(b *testing.B) {
+				c := benchServer(b, network)
+				args := make([]byte, 16)
+				sctx, scancel := context.WithTimeout(context.Background(), time.Hour)
+				defer scancel()
+				b.ReportAllocs()
+				for b.Loop() {
+					ctx, cancel := sctx, context.CancelFunc(func() {})
+					if !shared {
+						ctx, cancel = context.WithTimeout(context.Background(), time.Minute)
+					}
+					if _, err := c.Call(ctx, echoKey, args, call.CallOptions{}); err != nil {
+						b.Fatal(err)
+					}
+					cancel()
+				}
+			})
+		}
 	}
 }
 

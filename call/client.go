@@ -50,13 +50,22 @@ type Conn struct {
 	// may take a released role and read its own reply, saving the hand-over from the reader.
 	roleMu sync.Mutex
 	bgWake chan struct{} // buffered 1: gives the role back to the background reader
-	grace  *time.Timer   // gives a role left free back to the background reader
+	grace  *time.Timer   // ticks while the role changes hands; see graceOver
+	// interruptible: the connection takes read deadlines, so a caller whose context can end
+	// can be woken from reading its own reply.
+	interruptible bool
+	wakeFn        func() // c.wake, made once
 	// guarded by roleMu
-	roleFree    bool   // no one holds the role
-	callerHolds bool   // a caller holds the role
-	roleTakes   uint64 // times callers took the role
-	graceArmed  bool   // the grace timer runs
-	graceSeen   uint64 // roleTakes at its last tick
+	roleFree    bool            // no one holds the role
+	callerHolds bool            // a caller holds the role
+	ownCtx      context.Context // the holding caller's context, if it can end
+	prevCtx     context.Context // ownCtx of the hold before, while the role changes hands
+	watchCtx    context.Context // the context watched by watchStop's context.AfterFunc
+	watchStop   func() bool     // stops the watch of watchCtx; nil if none
+	interrupted bool            // the read deadline was moved to the past to wake the holder
+	roleTakes   uint64          // times callers took the role
+	graceArmed  bool            // the grace timer runs
+	graceSeen   uint64          // roleTakes at its last tick
 	// Owned by the role's holder.
 	rscratch    []byte
 	lastOwnRead bool // the last call completed could have had its caller read its reply
@@ -212,6 +221,8 @@ func newConn(ctx context.Context, nc net.Conn, addr string, opts ClientOptions) 
 		c.mu.Unlock()
 	}
 	c.bgWake = make(chan struct{}, 1)
+	c.interruptible = nc.SetReadDeadline(time.Time{}) == nil
+	c.wakeFn = c.wake
 	c.grace = time.AfterFunc(time.Hour, c.graceOver)
 	c.grace.Stop()
 	c.readerG.Add(1)
@@ -642,7 +653,7 @@ func (c *Conn) Call(ctx context.Context, key MethodKey, args []byte, opts CallOp
 	cc.msg.head = cc.hdr
 	cc.msg.payload = args
 	cc.msg.cancel = ctx.Done()
-	cc.ownRead = cc.msg.cancel == nil
+	cc.ownRead = cc.msg.cancel == nil || c.interruptible
 	if hasDeadline {
 		cc.msg.deadline = d
 	}
@@ -663,10 +674,10 @@ func (c *Conn) Call(ctx context.Context, key MethodKey, args []byte, opts CallOp
 		return nil, unsentError(ErrUnreachable, "connection to "+c.addr, err)
 	}
 
-	if c.takeRole() {
-		// No one reads. A caller whose request is written and whose context cannot end reads
-		// its reply here (watching a context that can end would cost context.AfterFunc's
-		// three allocations); otherwise the reader goroutine reads it.
+	if c.takeRole(ctx) {
+		// No one reads. A caller whose request is written reads its reply here, if its
+		// context cannot end or the connection can wake it when it does; otherwise the reader
+		// goroutine reads it.
 		if !cc.ownRead || !written {
 			c.giveRoleToReader()
 		} else if c.readOwn(cc) {
@@ -840,6 +851,10 @@ func (c *Conn) readLoop() {
 		<-c.bgWake
 	}
 	c.grace.Stop()
+	c.roleMu.Lock()
+	c.stopWatchLocked()
+	c.prevCtx = nil
+	c.roleMu.Unlock()
 	// Replies cut off by the failure give back their up-front reservations.
 	upfrontInUse.Add(-int64(c.upfront))
 	c.upfront = 0
@@ -875,7 +890,7 @@ const graceLimit = time.Millisecond
 func (c *Conn) releaseRole() {
 	outstanding := c.outstanding()
 	c.roleMu.Lock()
-	c.callerHolds = false
+	c.dropHoldLocked()
 	if outstanding > 0 || isClosed(c.closed) {
 		c.bgWake <- struct{}{}
 	} else {
@@ -904,13 +919,42 @@ func (c *Conn) freeRoleLocked() {
 // REQUIRES: the caller holds the read role.
 func (c *Conn) giveRoleToReader() {
 	c.roleMu.Lock()
-	c.callerHolds = false
+	c.dropHoldLocked()
 	c.bgWake <- struct{}{}
 	c.roleMu.Unlock()
 }
 
-// takeRole takes a free read role for the calling caller.
-func (c *Conn) takeRole() bool {
+// dropHoldLocked ends a caller's hold on the read role. The watch of its context is kept only
+// if the hold before had the same context (callers sharing one context pay for its watch
+// once); the read deadline moved by an interruption is cleared.
+//
+// REQUIRES: c.roleMu is held, and the caller holds the read role.
+func (c *Conn) dropHoldLocked() {
+	if c.ownCtx == nil || c.ownCtx != c.prevCtx {
+		c.stopWatchLocked()
+	}
+	c.prevCtx = c.ownCtx
+	c.callerHolds = false
+	c.ownCtx = nil
+	if c.interrupted {
+		c.conn.SetReadDeadline(time.Time{})
+		c.interrupted = false
+	}
+}
+
+// stopWatchLocked ends the watch of a caller's context.
+//
+// REQUIRES: c.roleMu is held.
+func (c *Conn) stopWatchLocked() {
+	if c.watchStop != nil {
+		c.watchStop()
+		c.watchCtx, c.watchStop = nil, nil
+	}
+}
+
+// takeRole takes a free read role for the caller whose context is ctx. If ctx can end, it is
+// watched: when it ends, wake interrupts the caller's read.
+func (c *Conn) takeRole(ctx context.Context) bool {
 	c.roleMu.Lock()
 	defer c.roleMu.Unlock()
 	if !c.roleFree {
@@ -919,11 +963,18 @@ func (c *Conn) takeRole() bool {
 	c.roleFree = false
 	c.roleTakes++
 	c.callerHolds = true
+	if ctx.Done() != nil {
+		c.ownCtx = ctx
+		if ctx != c.watchCtx && c.interruptible {
+			c.stopWatchLocked()
+			c.watchCtx, c.watchStop = ctx, context.AfterFunc(ctx, c.wakeFn)
+		}
+	}
 	return true
 }
 
-// graceOver runs on the grace timer: a role free since the last tick goes back to the
-// background reader.
+// graceOver runs on the grace timer, which ticks every graceLimit while callers take the role:
+// a role free since the last tick goes back to the background reader.
 func (c *Conn) graceOver() {
 	c.roleMu.Lock()
 	defer c.roleMu.Unlock()
@@ -931,13 +982,30 @@ func (c *Conn) graceOver() {
 	case c.roleFree && c.roleTakes == c.graceSeen:
 		c.roleFree = false
 		c.graceArmed = false
+		c.stopWatchLocked()
+		c.prevCtx = nil
 		c.bgWake <- struct{}{}
 	case !c.roleFree && !c.callerHolds:
 		// The background reader has it.
 		c.graceArmed = false
+		c.stopWatchLocked()
+		c.prevCtx = nil
 	default:
 		c.graceSeen = c.roleTakes
 		c.grace.Reset(graceLimit)
+	}
+}
+
+// wake runs when a watched context ends: if the caller holding the read role has a context
+// that ended (not necessarily the one watched: a watch may end as another begins), its read
+// is interrupted. The read fails with a timeout, and the caller hands the role to the
+// background reader and returns.
+func (c *Conn) wake() {
+	c.roleMu.Lock()
+	defer c.roleMu.Unlock()
+	if c.callerHolds && c.ownCtx != nil && !c.interrupted && c.ownCtx.Err() != nil {
+		c.interrupted = true
+		c.conn.SetReadDeadline(time.Unix(1, 0))
 	}
 }
 
@@ -979,10 +1047,11 @@ func (c *Conn) read() error {
 }
 
 // readOwn reads frames on the caller's goroutine, holding the read role, until cc's outcome
-// arrives. Its caller's context cannot end, so its wait for data needs no interruption; it
+// arrives. If its caller's context can end, wake interrupts the read when it does. It
 // reads only frames that are whole in the buffer and belong to a call's reply, so that it never
-// stops in the middle of a frame. At any other frame, or a read error, it hands the role to the
-// background reader and reports false. It has given up the role when it returns.
+// stops in the middle of a frame. At any other frame, or a read error (a deadline among them),
+// it hands the role to the background reader and reports false; the caller then waits for
+// its outcome or its context as any other. It has given up the role when it returns.
 func (c *Conn) readOwn(cc *clientCall) bool {
 	maxFrame := c.opts.Limits.MaxFrameSize
 	for {
