@@ -39,6 +39,7 @@ type handlerEntry struct {
 	component string
 	method    string
 	signature uint64
+	recycled  bool // the server reuses the memory of h's replies; see SetRecycled
 }
 
 // HandlerMap maps method keys to handlers. The zero value is an empty map. It is safe for
@@ -59,8 +60,23 @@ func (hm *HandlerMap) Set(component, method string, h Handler) {
 // different non-zero digest (see [CallOptions].Signature) is refused with
 // [ErrSignatureMismatch]. Generated stubs use it; a signature of zero is not checked.
 func (hm *HandlerMap) SetSigned(component, method string, signature uint64, h Handler) {
-	e := &handlerEntry{h: h, component: component, method: method, signature: signature}
-	k := MakeMethodKey(component, method)
+	hm.set(&handlerEntry{h: h, component: component, method: method, signature: signature})
+}
+
+// SetRecycled is [HandlerMap.SetSigned] for a handler whose replies are its own: nothing else
+// refers to the bytes h returns, so the server reuses their memory once they are written. h
+// builds its replies in buffers from [ReplyBuffer] (grown or not) to save an allocation per
+// call. A reply that shares memory with h's args is not reused. Generated server stubs use it.
+func (hm *HandlerMap) SetRecycled(component, method string, signature uint64, h Handler) {
+	hm.set(&handlerEntry{h: h, component: component, method: method, signature: signature, recycled: true})
+}
+
+// ReplyBuffer returns an empty buffer with room for at least n bytes, from the memory the
+// server reuses, for a handler registered with [HandlerMap.SetRecycled] to build its reply in.
+func ReplyBuffer(n int) []byte { return getBuffer(n)[:0] }
+
+func (hm *HandlerMap) set(e *handlerEntry) {
+	k := MakeMethodKey(e.component, e.method)
 	hm.mu.Lock()
 	defer hm.mu.Unlock()
 	m := map[MethodKey]*handlerEntry{}
@@ -85,7 +101,8 @@ func (hm *HandlerMap) lookup(k MethodKey) *handlerEntry {
 }
 
 // Wrap replaces every handler of the map with wrap(component, method, handler), for example
-// to measure or authorize every call. Handlers set later are not wrapped.
+// to measure or authorize every call. Handlers set later are not wrapped. A wrapper of a handler
+// set with [HandlerMap.SetRecycled] returns that handler's reply or bytes nothing else refers to.
 func (hm *HandlerMap) Wrap(wrap func(component, method string, h Handler) Handler) {
 	hm.mu.Lock()
 	defer hm.mu.Unlock()

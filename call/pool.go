@@ -3,6 +3,7 @@ package call
 import (
 	"math/bits"
 	"sync"
+	"unsafe"
 )
 
 // Buffer pools in size classes. A pooled buffer up to maxClassBuffer is a fixed-size array, so
@@ -92,8 +93,9 @@ func putBuffer(b []byte) {
 		classPool.Put((*[maxClassBuffer]byte)(b[:maxClassBuffer]))
 	default:
 		if c > maxClassBuffer && c <= maxPooledBuffer && c&(c-1) == 0 {
-			b = b[:c]
-			bigPools[bigClass(c)].Put(&b)
+			// A variable of its own: taking b's address would move b to the heap on every call.
+			whole := b[:c]
+			bigPools[bigClass(c)].Put(&whole)
 		}
 	}
 }
@@ -146,4 +148,13 @@ func (f *freeList[T]) put(x *T) {
 		f.items = append(f.items, x)
 	}
 	f.mu.Unlock()
+}
+
+// overlaps reports whether the memory of a and b overlaps (up to their capacities).
+func overlaps(a, b []byte) bool {
+	if cap(a) == 0 || cap(b) == 0 {
+		return false
+	}
+	pa, pb := uintptr(unsafe.Pointer(unsafe.SliceData(a))), uintptr(unsafe.Pointer(unsafe.SliceData(b)))
+	return pa < pb+uintptr(cap(b)) && pb < pa+uintptr(cap(a))
 }

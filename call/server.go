@@ -838,6 +838,9 @@ func (s *serverConn) finish(sc *serverCall, args, result []byte, eb *errorBody) 
 	if sc.pooled {
 		putBuffer(args)
 	}
+	if sc.entry != nil && sc.entry.recycled && !overlaps(result, args) {
+		putBuffer(result)
+	}
 	if drained {
 		s.closeDrained()
 	}

@@ -133,12 +133,16 @@ func (e *Encoder) error(err error, depth int, budget *int) {
 		e.String(te.name)
 		e.String(err.Error())
 		// The value is length-prefixed, so a decoder that does not know the type can skip
-		// it and fall back to the message.
-		mark := len(e.buf)
-		e.buf = append(e.buf, 0, 0, 0, 0)
-		te.enc(e, err)
-		n := len(e.buf) - mark - 4
-		e.buf[mark], e.buf[mark+1], e.buf[mark+2], e.buf[mark+3] = byte(n), byte(n>>8), byte(n>>16), byte(n>>24)
+		// it and fall back to the message. It is encoded apart: handing e to a registered
+		// function would make every Encoder that encodes an error escape to the heap.
+		sub := GetEncoder()
+		te.enc(sub, err)
+		e.Uint32(uint32(len(sub.buf)))
+		e.buf = append(e.buf, sub.buf...)
+		if sub.err != nil && e.err == nil {
+			e.err = sub.err
+		}
+		PutEncoder(sub)
 		return
 	}
 	e.Uint8(errPlain)

@@ -140,13 +140,13 @@ func (s audit_client_stub) Record(ctx context.Context, a1 string) (err error) {
 
 // audit_add_handlers adds a handler per method of impl to hm.
 func audit_add_handlers(impl Audit, hm *call.HandlerMap) {
-	hm.SetSigned(audit_name, "Counts", audit_Counts_sig, func(ctx context.Context, args []byte) ([]byte, error) {
+	hm.SetRecycled(audit_name, "Counts", audit_Counts_sig, func(ctx context.Context, args []byte) ([]byte, error) {
 		dec := codec.NewDecoder(args)
 		if err := dec.Finish(); err != nil {
 			return nil, runtime.ArgsError("Audit.Counts", err)
 		}
 		r0, appErr := impl.Counts(ctx)
-		enc := codec.NewEncoder(nil)
+		enc := codec.NewEncoder(call.ReplyBuffer(0))
 		weft_enc_map_string_int64(enc, r0)
 		enc.Error(appErr)
 		if err := enc.Err(); err != nil {
@@ -154,14 +154,14 @@ func audit_add_handlers(impl Audit, hm *call.HandlerMap) {
 		}
 		return enc.Data(), nil
 	})
-	hm.SetSigned(audit_name, "Record", audit_Record_sig, func(ctx context.Context, args []byte) ([]byte, error) {
+	hm.SetRecycled(audit_name, "Record", audit_Record_sig, func(ctx context.Context, args []byte) ([]byte, error) {
 		dec := codec.NewDecoder(args)
 		a1 := dec.String()
 		if err := dec.Finish(); err != nil {
 			return nil, runtime.ArgsError("Audit.Record", err)
 		}
 		appErr := impl.Record(ctx, a1)
-		enc := codec.NewEncoder(nil)
+		enc := codec.NewEncoder(call.ReplyBuffer(0))
 		enc.Error(appErr)
 		if err := enc.Err(); err != nil {
 			return nil, err
@@ -283,14 +283,14 @@ func (s frontend_client_stub) Set(ctx context.Context, a1 string, a2 string) (r0
 
 // frontend_add_handlers adds a handler per method of impl to hm.
 func frontend_add_handlers(impl Frontend, hm *call.HandlerMap) {
-	hm.SetSigned(frontend_name, "Get", frontend_Get_sig, func(ctx context.Context, args []byte) ([]byte, error) {
+	hm.SetRecycled(frontend_name, "Get", frontend_Get_sig, func(ctx context.Context, args []byte) ([]byte, error) {
 		dec := codec.NewDecoder(args)
 		a1 := dec.String()
 		if err := dec.Finish(); err != nil {
 			return nil, runtime.ArgsError("Frontend.Get", err)
 		}
 		r0, appErr := impl.Get(ctx, a1)
-		enc := codec.NewEncoder(nil)
+		enc := codec.NewEncoder(call.ReplyBuffer(0))
 		weft_enc_Stored(enc, r0)
 		enc.Error(appErr)
 		if err := enc.Err(); err != nil {
@@ -298,7 +298,7 @@ func frontend_add_handlers(impl Frontend, hm *call.HandlerMap) {
 		}
 		return enc.Data(), nil
 	})
-	hm.SetSigned(frontend_name, "Set", frontend_Set_sig, func(ctx context.Context, args []byte) ([]byte, error) {
+	hm.SetRecycled(frontend_name, "Set", frontend_Set_sig, func(ctx context.Context, args []byte) ([]byte, error) {
 		dec := codec.NewDecoder(args)
 		a1 := dec.String()
 		a2 := dec.String()
@@ -306,7 +306,7 @@ func frontend_add_handlers(impl Frontend, hm *call.HandlerMap) {
 			return nil, runtime.ArgsError("Frontend.Set", err)
 		}
 		r0, appErr := impl.Set(ctx, a1, a2)
-		enc := codec.NewEncoder(nil)
+		enc := codec.NewEncoder(call.ReplyBuffer(0))
 		weft_enc_Stored(enc, r0)
 		enc.Error(appErr)
 		if err := enc.Err(); err != nil {
@@ -429,14 +429,14 @@ func (s store_client_stub) Put(ctx context.Context, a1 string, a2 string) (r0 St
 
 // store_add_handlers adds a handler per method of impl to hm.
 func store_add_handlers(impl Store, hm *call.HandlerMap) {
-	hm.SetSigned(store_name, "Get", store_Get_sig, func(ctx context.Context, args []byte) ([]byte, error) {
+	hm.SetRecycled(store_name, "Get", store_Get_sig, func(ctx context.Context, args []byte) ([]byte, error) {
 		dec := codec.NewDecoder(args)
 		a1 := dec.String()
 		if err := dec.Finish(); err != nil {
 			return nil, runtime.ArgsError("Store.Get", err)
 		}
 		r0, appErr := impl.Get(ctx, a1)
-		enc := codec.NewEncoder(nil)
+		enc := codec.NewEncoder(call.ReplyBuffer(0))
 		weft_enc_Stored(enc, r0)
 		enc.Error(appErr)
 		if err := enc.Err(); err != nil {
@@ -444,7 +444,7 @@ func store_add_handlers(impl Store, hm *call.HandlerMap) {
 		}
 		return enc.Data(), nil
 	})
-	hm.SetSigned(store_name, "Put", store_Put_sig, func(ctx context.Context, args []byte) ([]byte, error) {
+	hm.SetRecycled(store_name, "Put", store_Put_sig, func(ctx context.Context, args []byte) ([]byte, error) {
 		dec := codec.NewDecoder(args)
 		a1 := dec.String()
 		a2 := dec.String()
@@ -452,7 +452,7 @@ func store_add_handlers(impl Store, hm *call.HandlerMap) {
 			return nil, runtime.ArgsError("Store.Put", err)
 		}
 		r0, appErr := impl.Put(ctx, a1, a2)
-		enc := codec.NewEncoder(nil)
+		enc := codec.NewEncoder(call.ReplyBuffer(0))
 		weft_enc_Stored(enc, r0)
 		enc.Error(appErr)
 		if err := enc.Err(); err != nil {

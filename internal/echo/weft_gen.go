@@ -135,14 +135,14 @@ func (s echoer_client_stub) EchoRecord(ctx context.Context, a1 Record) (r0 Recor
 
 // echoer_add_handlers adds a handler per method of impl to hm.
 func echoer_add_handlers(impl Echoer, hm *call.HandlerMap) {
-	hm.SetSigned(echoer_name, "Echo", echoer_Echo_sig, func(ctx context.Context, args []byte) ([]byte, error) {
+	hm.SetRecycled(echoer_name, "Echo", echoer_Echo_sig, func(ctx context.Context, args []byte) ([]byte, error) {
 		dec := codec.NewDecoder(args)
 		a1 := weft_dec_slice_uint8(dec)
 		if err := dec.Finish(); err != nil {
 			return nil, runtime.ArgsError("Echoer.Echo", err)
 		}
 		r0, appErr := impl.Echo(ctx, a1)
-		enc := codec.NewEncoder(make([]byte, 0, 16+len(r0)))
+		enc := codec.NewEncoder(call.ReplyBuffer(16 + len(r0)))
 		weft_enc_slice_uint8(enc, r0)
 		enc.Error(appErr)
 		if err := enc.Err(); err != nil {
@@ -150,14 +150,14 @@ func echoer_add_handlers(impl Echoer, hm *call.HandlerMap) {
 		}
 		return enc.Data(), nil
 	})
-	hm.SetSigned(echoer_name, "EchoRecord", echoer_EchoRecord_sig, func(ctx context.Context, args []byte) ([]byte, error) {
+	hm.SetRecycled(echoer_name, "EchoRecord", echoer_EchoRecord_sig, func(ctx context.Context, args []byte) ([]byte, error) {
 		dec := codec.NewDecoder(args)
 		a1 := weft_dec_Record(dec)
 		if err := dec.Finish(); err != nil {
 			return nil, runtime.ArgsError("Echoer.EchoRecord", err)
 		}
 		r0, appErr := impl.EchoRecord(ctx, a1)
-		enc := codec.NewEncoder(nil)
+		enc := codec.NewEncoder(call.ReplyBuffer(0))
 		weft_enc_Record(enc, r0)
 		enc.Error(appErr)
 		if err := enc.Err(); err != nil {

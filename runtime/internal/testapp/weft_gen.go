@@ -108,14 +108,14 @@ func (s cycleA_client_stub) A(ctx context.Context, a1 int) (r0 string, err error
 
 // cycleA_add_handlers adds a handler per method of impl to hm.
 func cycleA_add_handlers(impl CycleA, hm *call.HandlerMap) {
-	hm.SetSigned(cycleA_name, "A", cycleA_A_sig, func(ctx context.Context, args []byte) ([]byte, error) {
+	hm.SetRecycled(cycleA_name, "A", cycleA_A_sig, func(ctx context.Context, args []byte) ([]byte, error) {
 		dec := codec.NewDecoder(args)
 		a1 := dec.Int()
 		if err := dec.Finish(); err != nil {
 			return nil, runtime.ArgsError("CycleA.A", err)
 		}
 		r0, appErr := impl.A(ctx, a1)
-		enc := codec.NewEncoder(make([]byte, 0, 16+len(r0)))
+		enc := codec.NewEncoder(call.ReplyBuffer(16 + len(r0)))
 		enc.String(r0)
 		enc.Error(appErr)
 		if err := enc.Err(); err != nil {
@@ -201,14 +201,14 @@ func (s cycleB_client_stub) B(ctx context.Context, a1 int) (r0 string, err error
 
 // cycleB_add_handlers adds a handler per method of impl to hm.
 func cycleB_add_handlers(impl CycleB, hm *call.HandlerMap) {
-	hm.SetSigned(cycleB_name, "B", cycleB_B_sig, func(ctx context.Context, args []byte) ([]byte, error) {
+	hm.SetRecycled(cycleB_name, "B", cycleB_B_sig, func(ctx context.Context, args []byte) ([]byte, error) {
 		dec := codec.NewDecoder(args)
 		a1 := dec.Int()
 		if err := dec.Finish(); err != nil {
 			return nil, runtime.ArgsError("CycleB.B", err)
 		}
 		r0, appErr := impl.B(ctx, a1)
-		enc := codec.NewEncoder(make([]byte, 0, 16+len(r0)))
+		enc := codec.NewEncoder(call.ReplyBuffer(16 + len(r0)))
 		enc.String(r0)
 		enc.Error(appErr)
 		if err := enc.Err(); err != nil {
@@ -405,7 +405,7 @@ func (s front_client_stub) Put(ctx context.Context, a1 uint64, a2 string, a3 str
 
 // front_add_handlers adds a handler per method of impl to hm.
 func front_add_handlers(impl Front, hm *call.HandlerMap) {
-	hm.SetSigned(front_name, "Get", front_Get_sig, func(ctx context.Context, args []byte) ([]byte, error) {
+	hm.SetRecycled(front_name, "Get", front_Get_sig, func(ctx context.Context, args []byte) ([]byte, error) {
 		dec := codec.NewDecoder(args)
 		a1 := dec.Uint64()
 		a2 := dec.String()
@@ -413,7 +413,7 @@ func front_add_handlers(impl Front, hm *call.HandlerMap) {
 			return nil, runtime.ArgsError("Front.Get", err)
 		}
 		r0, appErr := impl.Get(ctx, a1, a2)
-		enc := codec.NewEncoder(nil)
+		enc := codec.NewEncoder(call.ReplyBuffer(0))
 		weft_enc_Placed(enc, r0)
 		enc.Error(appErr)
 		if err := enc.Err(); err != nil {
@@ -421,7 +421,7 @@ func front_add_handlers(impl Front, hm *call.HandlerMap) {
 		}
 		return enc.Data(), nil
 	})
-	hm.SetSigned(front_name, "Hold", front_Hold_sig, func(ctx context.Context, args []byte) ([]byte, error) {
+	hm.SetRecycled(front_name, "Hold", front_Hold_sig, func(ctx context.Context, args []byte) ([]byte, error) {
 		dec := codec.NewDecoder(args)
 		a1 := dec.Uint64()
 		a2 := dec.Duration()
@@ -429,7 +429,7 @@ func front_add_handlers(impl Front, hm *call.HandlerMap) {
 			return nil, runtime.ArgsError("Front.Hold", err)
 		}
 		r0, appErr := impl.Hold(ctx, a1, a2)
-		enc := codec.NewEncoder(nil)
+		enc := codec.NewEncoder(call.ReplyBuffer(0))
 		weft_enc_Placed(enc, r0)
 		enc.Error(appErr)
 		if err := enc.Err(); err != nil {
@@ -437,7 +437,7 @@ func front_add_handlers(impl Front, hm *call.HandlerMap) {
 		}
 		return enc.Data(), nil
 	})
-	hm.SetSigned(front_name, "Print", front_Print_sig, func(ctx context.Context, args []byte) ([]byte, error) {
+	hm.SetRecycled(front_name, "Print", front_Print_sig, func(ctx context.Context, args []byte) ([]byte, error) {
 		dec := codec.NewDecoder(args)
 		a1 := dec.Uint64()
 		a2 := dec.String()
@@ -446,7 +446,7 @@ func front_add_handlers(impl Front, hm *call.HandlerMap) {
 			return nil, runtime.ArgsError("Front.Print", err)
 		}
 		r0, appErr := impl.Print(ctx, a1, a2, a3)
-		enc := codec.NewEncoder(nil)
+		enc := codec.NewEncoder(call.ReplyBuffer(0))
 		weft_enc_Placed(enc, r0)
 		enc.Error(appErr)
 		if err := enc.Err(); err != nil {
@@ -454,7 +454,7 @@ func front_add_handlers(impl Front, hm *call.HandlerMap) {
 		}
 		return enc.Data(), nil
 	})
-	hm.SetSigned(front_name, "Put", front_Put_sig, func(ctx context.Context, args []byte) ([]byte, error) {
+	hm.SetRecycled(front_name, "Put", front_Put_sig, func(ctx context.Context, args []byte) ([]byte, error) {
 		dec := codec.NewDecoder(args)
 		a1 := dec.Uint64()
 		a2 := dec.String()
@@ -463,7 +463,7 @@ func front_add_handlers(impl Front, hm *call.HandlerMap) {
 			return nil, runtime.ArgsError("Front.Put", err)
 		}
 		r0, appErr := impl.Put(ctx, a1, a2, a3)
-		enc := codec.NewEncoder(nil)
+		enc := codec.NewEncoder(call.ReplyBuffer(0))
 		weft_enc_Placed(enc, r0)
 		enc.Error(appErr)
 		if err := enc.Err(); err != nil {
@@ -582,13 +582,13 @@ func (s ledger_client_stub) Record(ctx context.Context, a1 string) (err error) {
 
 // ledger_add_handlers adds a handler per method of impl to hm.
 func ledger_add_handlers(impl Ledger, hm *call.HandlerMap) {
-	hm.SetSigned(ledger_name, "Counts", ledger_Counts_sig, func(ctx context.Context, args []byte) ([]byte, error) {
+	hm.SetRecycled(ledger_name, "Counts", ledger_Counts_sig, func(ctx context.Context, args []byte) ([]byte, error) {
 		dec := codec.NewDecoder(args)
 		if err := dec.Finish(); err != nil {
 			return nil, runtime.ArgsError("Ledger.Counts", err)
 		}
 		r0, appErr := impl.Counts(ctx)
-		enc := codec.NewEncoder(nil)
+		enc := codec.NewEncoder(call.ReplyBuffer(0))
 		weft_enc_map_string_int64(enc, r0)
 		enc.Error(appErr)
 		if err := enc.Err(); err != nil {
@@ -596,14 +596,14 @@ func ledger_add_handlers(impl Ledger, hm *call.HandlerMap) {
 		}
 		return enc.Data(), nil
 	})
-	hm.SetSigned(ledger_name, "Record", ledger_Record_sig, func(ctx context.Context, args []byte) ([]byte, error) {
+	hm.SetRecycled(ledger_name, "Record", ledger_Record_sig, func(ctx context.Context, args []byte) ([]byte, error) {
 		dec := codec.NewDecoder(args)
 		a1 := dec.String()
 		if err := dec.Finish(); err != nil {
 			return nil, runtime.ArgsError("Ledger.Record", err)
 		}
 		appErr := impl.Record(ctx, a1)
-		enc := codec.NewEncoder(nil)
+		enc := codec.NewEncoder(call.ReplyBuffer(0))
 		enc.Error(appErr)
 		if err := enc.Err(); err != nil {
 			return nil, err
@@ -721,14 +721,14 @@ func (s pool_client_stub) Who(ctx context.Context) (r0 Placed, err error) {
 
 // pool_add_handlers adds a handler per method of impl to hm.
 func pool_add_handlers(impl Pool, hm *call.HandlerMap) {
-	hm.SetSigned(pool_name, "Sicken", pool_Sicken_sig, func(ctx context.Context, args []byte) ([]byte, error) {
+	hm.SetRecycled(pool_name, "Sicken", pool_Sicken_sig, func(ctx context.Context, args []byte) ([]byte, error) {
 		dec := codec.NewDecoder(args)
 		a1 := dec.Duration()
 		if err := dec.Finish(); err != nil {
 			return nil, runtime.ArgsError("Pool.Sicken", err)
 		}
 		r0, appErr := impl.Sicken(ctx, a1)
-		enc := codec.NewEncoder(nil)
+		enc := codec.NewEncoder(call.ReplyBuffer(0))
 		weft_enc_Placed(enc, r0)
 		enc.Error(appErr)
 		if err := enc.Err(); err != nil {
@@ -736,13 +736,13 @@ func pool_add_handlers(impl Pool, hm *call.HandlerMap) {
 		}
 		return enc.Data(), nil
 	})
-	hm.SetSigned(pool_name, "Who", pool_Who_sig, func(ctx context.Context, args []byte) ([]byte, error) {
+	hm.SetRecycled(pool_name, "Who", pool_Who_sig, func(ctx context.Context, args []byte) ([]byte, error) {
 		dec := codec.NewDecoder(args)
 		if err := dec.Finish(); err != nil {
 			return nil, runtime.ArgsError("Pool.Who", err)
 		}
 		r0, appErr := impl.Who(ctx)
-		enc := codec.NewEncoder(nil)
+		enc := codec.NewEncoder(call.ReplyBuffer(0))
 		weft_enc_Placed(enc, r0)
 		enc.Error(appErr)
 		if err := enc.Err(); err != nil {
@@ -935,14 +935,14 @@ func (s store_client_stub) Put(ctx context.Context, a1 string, a2 string) (r0 Pl
 
 // store_add_handlers adds a handler per method of impl to hm.
 func store_add_handlers(impl Store, hm *call.HandlerMap) {
-	hm.SetSigned(store_name, "Get", store_Get_sig, func(ctx context.Context, args []byte) ([]byte, error) {
+	hm.SetRecycled(store_name, "Get", store_Get_sig, func(ctx context.Context, args []byte) ([]byte, error) {
 		dec := codec.NewDecoder(args)
 		a1 := dec.String()
 		if err := dec.Finish(); err != nil {
 			return nil, runtime.ArgsError("Store.Get", err)
 		}
 		r0, appErr := impl.Get(ctx, a1)
-		enc := codec.NewEncoder(nil)
+		enc := codec.NewEncoder(call.ReplyBuffer(0))
 		weft_enc_Placed(enc, r0)
 		enc.Error(appErr)
 		if err := enc.Err(); err != nil {
@@ -950,14 +950,14 @@ func store_add_handlers(impl Store, hm *call.HandlerMap) {
 		}
 		return enc.Data(), nil
 	})
-	hm.SetSigned(store_name, "Hold", store_Hold_sig, func(ctx context.Context, args []byte) ([]byte, error) {
+	hm.SetRecycled(store_name, "Hold", store_Hold_sig, func(ctx context.Context, args []byte) ([]byte, error) {
 		dec := codec.NewDecoder(args)
 		a1 := dec.Duration()
 		if err := dec.Finish(); err != nil {
 			return nil, runtime.ArgsError("Store.Hold", err)
 		}
 		r0, appErr := impl.Hold(ctx, a1)
-		enc := codec.NewEncoder(nil)
+		enc := codec.NewEncoder(call.ReplyBuffer(0))
 		weft_enc_Placed(enc, r0)
 		enc.Error(appErr)
 		if err := enc.Err(); err != nil {
@@ -965,7 +965,7 @@ func store_add_handlers(impl Store, hm *call.HandlerMap) {
 		}
 		return enc.Data(), nil
 	})
-	hm.SetSigned(store_name, "Print", store_Print_sig, func(ctx context.Context, args []byte) ([]byte, error) {
+	hm.SetRecycled(store_name, "Print", store_Print_sig, func(ctx context.Context, args []byte) ([]byte, error) {
 		dec := codec.NewDecoder(args)
 		a1 := dec.String()
 		a2 := dec.String()
@@ -973,7 +973,7 @@ func store_add_handlers(impl Store, hm *call.HandlerMap) {
 			return nil, runtime.ArgsError("Store.Print", err)
 		}
 		r0, appErr := impl.Print(ctx, a1, a2)
-		enc := codec.NewEncoder(nil)
+		enc := codec.NewEncoder(call.ReplyBuffer(0))
 		weft_enc_Placed(enc, r0)
 		enc.Error(appErr)
 		if err := enc.Err(); err != nil {
@@ -981,7 +981,7 @@ func store_add_handlers(impl Store, hm *call.HandlerMap) {
 		}
 		return enc.Data(), nil
 	})
-	hm.SetSigned(store_name, "Put", store_Put_sig, func(ctx context.Context, args []byte) ([]byte, error) {
+	hm.SetRecycled(store_name, "Put", store_Put_sig, func(ctx context.Context, args []byte) ([]byte, error) {
 		dec := codec.NewDecoder(args)
 		a1 := dec.String()
 		a2 := dec.String()
@@ -989,7 +989,7 @@ func store_add_handlers(impl Store, hm *call.HandlerMap) {
 			return nil, runtime.ArgsError("Store.Put", err)
 		}
 		r0, appErr := impl.Put(ctx, a1, a2)
-		enc := codec.NewEncoder(nil)
+		enc := codec.NewEncoder(call.ReplyBuffer(0))
 		weft_enc_Placed(enc, r0)
 		enc.Error(appErr)
 		if err := enc.Err(); err != nil {

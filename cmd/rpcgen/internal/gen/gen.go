@@ -688,7 +688,8 @@ func (g *generator) component(w *bytes.Buffer, c *component, lname, rt, callPkg,
 	p("func %s(impl %s, hm *%s.HandlerMap) {\n", server, iname, callPkg)
 	for _, m := range c.methods {
 		sig := m.Type().(*types.Signature)
-		p("\thm.SetSigned(%s_name, %q, %s_%s_sig, func(ctx %s.Context, args []byte) ([]byte, error) {\n", lname, m.Name(), lname, m.Name(), ctxPkg)
+		// The reply is built in a buffer the server reuses once it is written.
+		p("\thm.SetRecycled(%s_name, %q, %s_%s_sig, func(ctx %s.Context, args []byte) ([]byte, error) {\n", lname, m.Name(), lname, m.Name(), ctxPkg)
 		p("\t\tdec := %s.NewDecoder(args)\n", codecPkg)
 		var call []string
 		for i := 1; i < sig.Params().Len(); i++ {
@@ -712,11 +713,11 @@ func (g *generator) component(w *bytes.Buffer, c *component, lname, rt, callPkg,
 		for i := 0; i < n-1; i++ {
 			hints = append(hints, g.types.sizeHint(sig.Results().At(i).Type(), fmt.Sprintf("r%d", i)))
 		}
-		if hint := sumHints(hints); hint != "" {
-			p("\t\tenc := %s.NewEncoder(make([]byte, 0, %s))\n", codecPkg, hint)
-		} else {
-			p("\t\tenc := %s.NewEncoder(nil)\n", codecPkg)
+		hint := sumHints(hints)
+		if hint == "" {
+			hint = "0"
 		}
+		p("\t\tenc := %s.NewEncoder(%s.ReplyBuffer(%s))\n", codecPkg, callPkg, hint)
 		for i := 0; i < n-1; i++ {
 			p("\t\t%s\n", g.types.encode(sig.Results().At(i).Type(), fmt.Sprintf("r%d", i)))
 		}
