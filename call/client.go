@@ -59,9 +59,11 @@ type Conn struct {
 	roleFree    bool            // no one holds the role
 	callerHolds bool            // a caller holds the role
 	ownCtx      context.Context // the holding caller's context, if it can end
-	prevCtx     context.Context // ownCtx of the hold before, while the role changes hands
-	watchCtx    context.Context // the context watched by watchStop's context.AfterFunc
-	watchStop   func() bool     // stops the watch of watchCtx; nil if none
+	// Contexts are told apart by their Done channels (comparing two contexts could panic,
+	// and contexts that share a Done channel end together).
+	prevDone  <-chan struct{} // the Done channel of the hold before, while the role changes hands
+	watchDone <-chan struct{} // the Done channel of the context watchStop's AfterFunc watches
+	watchStop func() bool     // stops the watch; nil if none
 	interrupted bool            // the read deadline was moved to the past to wake the holder
 	roleTakes   uint64          // times callers took the role
 	graceArmed  bool            // the grace timer runs
@@ -853,7 +855,7 @@ func (c *Conn) readLoop() {
 	c.grace.Stop()
 	c.roleMu.Lock()
 	c.stopWatchLocked()
-	c.prevCtx = nil
+	c.prevDone = nil
 	c.roleMu.Unlock()
 	// Replies cut off by the failure give back their up-front reservations.
 	upfrontInUse.Add(-int64(c.upfront))
@@ -930,10 +932,14 @@ func (c *Conn) giveRoleToReader() {
 //
 // REQUIRES: c.roleMu is held, and the caller holds the read role.
 func (c *Conn) dropHoldLocked() {
-	if c.ownCtx == nil || c.ownCtx != c.prevCtx {
+	var done <-chan struct{}
+	if c.ownCtx != nil {
+		done = c.ownCtx.Done()
+	}
+	if done == nil || done != c.prevDone {
 		c.stopWatchLocked()
 	}
-	c.prevCtx = c.ownCtx
+	c.prevDone = done
 	c.callerHolds = false
 	c.ownCtx = nil
 	if c.interrupted {
@@ -948,7 +954,7 @@ func (c *Conn) dropHoldLocked() {
 func (c *Conn) stopWatchLocked() {
 	if c.watchStop != nil {
 		c.watchStop()
-		c.watchCtx, c.watchStop = nil, nil
+		c.watchDone, c.watchStop = nil, nil
 	}
 }
 
@@ -963,11 +969,11 @@ func (c *Conn) takeRole(ctx context.Context) bool {
 	c.roleFree = false
 	c.roleTakes++
 	c.callerHolds = true
-	if ctx.Done() != nil {
+	if done := ctx.Done(); done != nil {
 		c.ownCtx = ctx
-		if ctx != c.watchCtx && c.interruptible {
+		if done != c.watchDone && c.interruptible {
 			c.stopWatchLocked()
-			c.watchCtx, c.watchStop = ctx, context.AfterFunc(ctx, c.wakeFn)
+			c.watchDone, c.watchStop = done, context.AfterFunc(ctx, c.wakeFn)
 		}
 	}
 	return true
@@ -983,13 +989,13 @@ func (c *Conn) graceOver() {
 		c.roleFree = false
 		c.graceArmed = false
 		c.stopWatchLocked()
-		c.prevCtx = nil
+		c.prevDone = nil
 		c.bgWake <- struct{}{}
 	case !c.roleFree && !c.callerHolds:
 		// The background reader has it.
 		c.graceArmed = false
 		c.stopWatchLocked()
-		c.prevCtx = nil
+		c.prevDone = nil
 	default:
 		c.graceSeen = c.roleTakes
 		c.grace.Reset(graceLimit)

@@ -164,6 +164,15 @@ func TestReadOwnIdleEndSeen(t *testing.T) {
 	}
 }
 
+// roKey is a context key.
+type roKey struct{}
+
+// roUncomparable is a context whose values cannot be compared with ==.
+type roUncomparable struct {
+	context.Context
+	tags []int
+}
+
 // roHolder reports whether a caller holds the read role, and its context.
 func roHolder(c *Conn) (bool, context.Context) {
 	c.roleMu.Lock()
@@ -245,7 +254,7 @@ func TestReadOwnContextEnds(t *testing.T) {
 			echo(shared, fmt.Sprint("shared ", i))
 		}
 		c.roleMu.Lock()
-		watched, takes := c.watchCtx == shared, c.roleTakes
+		watched, takes := c.watchDone == shared.Done(), c.roleTakes
 		c.roleMu.Unlock()
 		if takes < 4 || !watched {
 			t.Fatalf("after 5 calls sharing a context: %d read by their callers, watched %v; want at least 4, true", takes, watched)
@@ -260,12 +269,27 @@ func TestReadOwnContextEnds(t *testing.T) {
 		echo(shared, "shared again")
 		hold("shared cancelled", shared, cancelShared, context.Canceled)
 
+		// Contexts are told apart by their Done channels: values added per call share the
+		// watch of the context below them, and contexts that cannot be compared are fine.
+		shared2, cancelShared2 := context.WithCancel(ctx)
+		defer cancelShared2()
+		for i := range 3 {
+			echo(context.WithValue(shared2, roKey{}, i), fmt.Sprint("with a value ", i))
+			echo(roUncomparable{shared2, []int{i}}, fmt.Sprint("uncomparable ", i))
+		}
+		c.roleMu.Lock()
+		watched = c.watchDone == shared2.Done()
+		c.roleMu.Unlock()
+		if !watched {
+			t.Errorf("calls with contexts over one cancellable context: it is not watched")
+		}
+
 		// A context used for one call is not watched after it.
 		one, cancelOne2 := context.WithCancel(ctx)
 		defer cancelOne2()
 		echo(one, "once")
 		c.roleMu.Lock()
-		stale := c.watchCtx == one
+		stale := c.watchDone == one.Done()
 		c.roleMu.Unlock()
 		if stale {
 			t.Errorf("a context used for one call is still watched after it")
