@@ -61,9 +61,9 @@ type Conn struct {
 	ownCtx      context.Context // the holding caller's context, if it can end
 	// Contexts are told apart by their Done channels (comparing two contexts could panic,
 	// and contexts that share a Done channel end together).
-	prevDone  <-chan struct{} // the Done channel of the hold before, while the role changes hands
-	watchDone <-chan struct{} // the Done channel of the context watchStop's AfterFunc watches
-	watchStop func() bool     // stops the watch; nil if none
+	prevDone    <-chan struct{} // the Done channel of the hold before, while the role changes hands
+	watchDone   <-chan struct{} // the Done channel of the context watchStop's AfterFunc watches
+	watchStop   func() bool     // stops the watch; nil if none
 	interrupted bool            // the read deadline was moved to the past to wake the holder
 	roleTakes   uint64          // times callers took the role
 	graceArmed  bool            // the grace timer runs
