@@ -1834,10 +1834,18 @@ func TestCPHealthSignal(t *testing.T) {
 				t.Errorf("%s: OnHealthChange saw %v, want %v", what, events, want)
 			}
 		}
+		// Dials wait until the first checks are done: a dial over pipes needs no time to pass.
+		for _, b := range bs {
+			b.ep.block()
+		}
 		conn := cpConnect(t, call.ClientOptions{OnHealthChange: onHealth}, bs...)
+		synctest.Wait()
 		wantEvents("right after Connect")
 		if st := cttStatus(t, conn); st.Healthy {
 			t.Errorf("Healthy before any connection")
+		}
+		for _, b := range bs {
+			b.ep.unblock()
 		}
 		time.Sleep(time.Second)
 		wantEvents("after connecting", true)
