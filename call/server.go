@@ -1057,10 +1057,12 @@ func (s *serverConn) hardStop() {
 	last := s.lastID
 	running := s.startedCallsLocked()
 	s.mu.Unlock()
+	// The go-away is queued before the handlers are cancelled: the last of them to return
+	// may close a draining connection at once, and the go-away must be written first.
+	s.w.controlForce(frameGoAway, last, append([]byte{closeStopping}, errStopping.Error()...))
 	for _, sc := range running {
 		sc.cancel(context.Canceled)
 	}
-	s.w.controlForce(frameGoAway, last, append([]byte{closeStopping}, errStopping.Error()...))
 	s.requestClose(&closeRequest{code: -1, reason: errStopping})
 }
 
