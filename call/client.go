@@ -854,8 +854,7 @@ func (c *Conn) readLoop() {
 	}
 	c.grace.Stop()
 	c.roleMu.Lock()
-	c.stopWatchLocked()
-	c.prevDone = nil
+	c.forgetWatchLocked()
 	c.roleMu.Unlock()
 	// Replies cut off by the failure give back their up-front reservations.
 	upfrontInUse.Add(-int64(c.upfront))
@@ -958,6 +957,15 @@ func (c *Conn) stopWatchLocked() {
 	}
 }
 
+// forgetWatchLocked ends the watch and forgets the last holder's context, for a role that
+// goes back to the background reader.
+//
+// REQUIRES: c.roleMu is held.
+func (c *Conn) forgetWatchLocked() {
+	c.stopWatchLocked()
+	c.prevDone = nil
+}
+
 // takeRole takes a free read role for the caller whose context is ctx. If ctx can end, it is
 // watched: when it ends, wake interrupts the caller's read.
 func (c *Conn) takeRole(ctx context.Context) bool {
@@ -988,14 +996,12 @@ func (c *Conn) graceOver() {
 	case c.roleFree && c.roleTakes == c.graceSeen:
 		c.roleFree = false
 		c.graceArmed = false
-		c.stopWatchLocked()
-		c.prevDone = nil
+		c.forgetWatchLocked()
 		c.bgWake <- struct{}{}
 	case !c.roleFree && !c.callerHolds:
 		// The background reader has it.
 		c.graceArmed = false
-		c.stopWatchLocked()
-		c.prevDone = nil
+		c.forgetWatchLocked()
 	default:
 		c.graceSeen = c.roleTakes
 		c.grace.Reset(graceLimit)

@@ -664,29 +664,12 @@ func TestLargeReplyFromRawServer(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	base := upfrontInUse.Load()
-	cli, srv := net.Pipe()
-	peer := testkit.NewRawPeer(srv)
-	defer peer.Close()
-	peer.SetDeadline(time.Now().Add(10 * time.Second))
-	hs := make(chan error, 1)
-	go func() {
-		h := testkit.ClientHello()
-		h.MaxConcurrent = 16
-		_, err := peer.AcceptHandshake(h)
-		hs <- err
-	}()
-	c, err := NewConn(ctx, cli, ClientOptions{Logger: lgLogger, Limits: Limits{MaxMessageSize: 4 << 20}, KeepaliveInterval: -1})
-	if err != nil {
-		t.Fatal(err)
-	}
+	c, peer := rawServerConn(t, ctx, ClientOptions{Logger: lgLogger, Limits: Limits{MaxMessageSize: 4 << 20}, KeepaliveInterval: -1})
 	var calls sync.WaitGroup
 	defer func() {
 		c.Close()
 		calls.Wait()
 	}()
-	if err := <-hs; err != nil {
-		t.Fatal(err)
-	}
 
 	type result struct {
 		b   []byte

@@ -18,25 +18,7 @@ func TestUpfrontReleasedWhenErrorEndsPartialReply(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	base := upfrontInUse.Load()
-	cli, srv := net.Pipe()
-	defer srv.Close()
-	peer := testkit.NewRawPeer(srv)
-	peer.SetDeadline(time.Now().Add(10 * time.Second))
-	hs := make(chan error, 1)
-	go func() {
-		h := testkit.ClientHello()
-		h.MaxConcurrent = 16
-		_, err := peer.AcceptHandshake(h)
-		hs <- err
-	}()
-	c, err := NewConn(ctx, cli, ClientOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	if err := <-hs; err != nil {
-		t.Fatal(err)
-	}
+	c, peer := rawServerConn(t, ctx, ClientOptions{})
 
 	const total = 512 << 10
 	got := make(chan error, 1)
@@ -61,4 +43,30 @@ func TestUpfrontReleasedWhenErrorEndsPartialReply(t *testing.T) {
 	if n := upfrontInUse.Load() - base; n != 0 {
 		t.Errorf("after the call ended, %d bytes are still reserved up front, want 0", n)
 	}
+}
+
+// rawServerConn returns a Conn with opts whose server is a raw peer over a pipe, after the
+// handshake (the peer allows 16 concurrent calls). Both are closed by t.Cleanup.
+func rawServerConn(t *testing.T, ctx context.Context, opts ClientOptions) (*Conn, *testkit.RawPeer) {
+	t.Helper()
+	cli, srv := net.Pipe()
+	peer := testkit.NewRawPeer(srv)
+	t.Cleanup(func() { peer.Close() })
+	peer.SetDeadline(time.Now().Add(10 * time.Second))
+	hs := make(chan error, 1)
+	go func() {
+		h := testkit.ClientHello()
+		h.MaxConcurrent = 16
+		_, err := peer.AcceptHandshake(h)
+		hs <- err
+	}()
+	c, err := NewConn(ctx, cli, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(c.Close)
+	if err := <-hs; err != nil {
+		t.Fatal(err)
+	}
+	return c, peer
 }
